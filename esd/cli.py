@@ -1,0 +1,143 @@
+"""Engine commands: methods, toy build, erase, bench. Errors print one line and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Erase concepts from Stable Diffusion models.")
+toy_app = typer.Typer(no_args_is_help=True, help="The toy world.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(toy_app, name="toy")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def one_line_errors(fn):
+    """Known input errors become one line on stderr and exit status 1, never a traceback."""
+    from esd.delta import DeltaError
+    from esd.erase import EraseError
+    from esd.methods import MethodError
+    from esd.models import ModelError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (EraseError, MethodError, ModelError, DeltaError, FileNotFoundError) as exc:
+            fail(str(exc))
+    return wrapper
+
+
+@app.command("methods")
+@one_line_errors
+def methods_cmd(base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
+                as_json: bool = typer.Option(False, "--json")):
+    """List erasure methods and how many UNet parameters each trains on a base."""
+    from esd import methods
+    from esd.models import load_pipeline
+    from esd.toy import BASE_DIR
+
+    unet = load_pipeline(base or BASE_DIR).unet
+    total = sum(p.numel() for p in unet.parameters())
+    rows = [{"method": m.name, "parameters": methods.count(unet, m.name), "share": methods.count(unet, m.name) / total,
+             "description": m.description} for m in methods.METHODS.values()]
+    if as_json:
+        typer.echo(json.dumps({"unet_parameters": total, "methods": rows}))
+        return
+    table = Table("method", "parameters", "share", "trains")
+    for r in rows:
+        table.add_row(r["method"], f"{r['parameters']:,}", f"{r['share']:.1%}", r["description"])
+    console.print(table)
+
+
+@toy_app.command("build")
+def toy_build(out: Path = typer.Option(Path(".esd/toy"), help="output folder (base/, judge/, build.json)"),
+              seed: int = 0, unet_steps: Optional[int] = None, vae_steps: Optional[int] = None,
+              judge_steps: Optional[int] = None, images_per_combo: Optional[int] = None):
+    """Build the toy base model and its judge from scratch (about 25 minutes on 2 CPU cores)."""
+    from esd.toy.build import BuildConfig, build
+
+    cfg = BuildConfig(seed=seed)
+    for name, value in dict(unet_steps=unet_steps, vae_steps=vae_steps, judge_steps=judge_steps,
+                            images_per_combo=images_per_combo).items():
+        if value is not None:
+            if value <= 0:
+                fail(f"{name.replace('_', '-')} must be > 0")
+            setattr(cfg, name, value)
+    info = build(out, cfg, log=console.print)
+    console.print(f"built in {info['seconds']:.0f}s: {out / 'base'} and {out / 'judge'}")
+
+
+@app.command("erase")
+@one_line_errors
+def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to erase, e.g. 'Vela Moreau'"),
+              method: str = "esd-x", iterations: int = 200, lr: Optional[float] = None, eta: float = 1.0,
+              ddim_steps: int = 50, guidance: float = 3.0, seed: int = 0, anchor: Optional[str] = None,
+              mode: str = "fast", base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
+              out: Path = typer.Option(..., help="folder for delta.safetensors + manifest.json")):
+    """Erase concepts from a base model and write the delta checkpoint."""
+    from esd import delta as delta_lib
+    from esd.erase import EraseConfig, erase
+    from esd.models import load_pipeline
+    from esd.toy import BASE_DIR
+
+    cfg = EraseConfig(list(concepts), method=method, iterations=iterations, lr=lr, eta=eta, ddim_steps=ddim_steps,
+                      guidance=guidance, seed=seed, anchor=anchor, mode=mode).validate()
+    pipe = load_pipeline(base or BASE_DIR)
+    d = erase(pipe, cfg)
+    files = delta_lib.save(d, out)
+    console.print(f"delta: {d.num_parameters:,} parameters, {d.num_bytes:,} bytes -> {files['tensors'].parent}")
+
+
+@bench_app.command("quality")
+@one_line_errors
+def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Path(".esd/bench")):
+    """Erase "circle" (esd-u) and "Vela Moreau" (esd-x) from the toy base; judged rates before and after."""
+    from esd.bench import quality
+
+    result = quality(out_dir=out, progress=not as_json, log=(lambda *a: None) if as_json else console.print)
+    if as_json:
+        keep = ("concept", "method", "target_base", "target_erased", "max_other_drop", "worst_other",
+                "erase_seconds", "eval_seconds", "delta_bytes")
+        typer.echo(json.dumps({"base": result["base"],
+                               "erasures": [{k: e[k] for k in keep} for e in result["erasures"]]}))
+        return
+    b = result["base"]
+    console.print(f"base model, judged on its own generations: shape {b['shape']:.1%}  color {b['color']:.1%}  "
+                  f"style {b['style']:.1%}")
+    table = Table("concept", "method", "measure", "base", "erased", "change")
+    for e in result["erasures"]:
+        table.add_row(e["concept"], e["method"], "target (judged as concept)", f"{e['target_base']:.1%}",
+                      f"{e['target_erased']:.1%}", f"{e['target_erased'] - e['target_base']:+.1%}")
+        for k, v in e["others"].items():
+            table.add_row("", "", k, f"{v['base']:.1%}", f"{v['erased']:.1%}", f"{v['erased'] - v['base']:+.1%}")
+        table.add_row("", "", "max drop elsewhere", "", e["worst_other"], f"{-e['max_other_drop']:+.1%}",
+                      end_section=True)
+    console.print(table)
+    for e in result["erasures"]:
+        console.print(f"{e['concept']}: erase {e['erase_seconds']:.0f}s, evaluate {e['eval_seconds']:.0f}s, "
+                      f"grid {e.get('grid')}")
+
+
+def main() -> None:
+    app(prog_name="esd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""ESD: erase a concept from a Stable Diffusion UNet (Gandikota et al., "Erasing Concepts from Diffusion
+Models", ICCV 2023, arXiv 2303.07345).
+
+The model being trained samples x_t itself, then learns to predict, for the concept c, the frozen model's
+noise pushed *against* c (negative guidance):
+
+    target = eps*(x_t, t) - eta * (eps*(x_t, c, t) - eps*(x_t, t))          (Eq. 7, eps* frozen)
+    loss   = || eps_theta(x_t, c, t) - target ||^2
+
+With an anchor a ("erase c, map it to a"), eps*(x_t, a, t) replaces the first eps*(x_t, t).
+
+Two modes compute the same loss:
+  reference  the paper's loop as written: a full frozen copy of the UNet, two separate frozen passes,
+             text embeddings recomputed every iteration, gradients for every UNet parameter.
+  fast       one UNet: the frozen model is the same UNet called with the trained parameters' original
+             values swapped in (torch.func.functional_call); frozen passes batched; embeddings computed
+             once; gradients only where they are used; optional bf16 autocast and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from esd import delta as delta_lib
+from esd import methods
+
+MAX_CONCEPT_CHARS = 200
+DEFAULT_LR = {"esd-x": 3e-5, "esd-x-strict": 3e-5, "esd-u": 1e-5, "esd-all": 1e-5, "selfattn": 1e-5}
+
+
+class EraseError(ValueError):
+    """Bad erasure input; the message names the problem in one line."""
+
+
+def validate_concept(text: str, what: str = "concept") -> str:
+    """A concept is 1..200 printable characters; returns it stripped."""
+    if not isinstance(text, str) or not text.strip():
+        raise EraseError(f"{what} is empty")
+    if len(text) > MAX_CONCEPT_CHARS:
+        raise EraseError(f"{what} is {len(text)} characters long; the limit is {MAX_CONCEPT_CHARS}")
+    if any(not ch.isprintable() for ch in text):
+        raise EraseError(f"{what} contains control characters: {text!r}")
+    return text.strip()
+
+
+@dataclass
+class EraseConfig:
+    concepts: list[str]
+    method: str = "esd-x"
+    iterations: int = 200
+    lr: float | None = None           # None: the method's default (DEFAULT_LR)
+    eta: float = 1.0                  # negative guidance strength
+    ddim_steps: int = 50
+    guidance: float = 3.0             # guidance while sampling x_t
+    seed: int = 0
+    anchor: str | None = None
+    mode: str = "fast"                # "fast" | "reference"
+    sample_steps: int | None = None   # fast only: at most this many DDIM jumps to reach x_t (None: every step)
+    precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": bf16 on GPU
+    gradient_checkpointing: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "EraseConfig":
+        if not self.concepts:
+            raise EraseError("no concept given")
+        self.concepts = [validate_concept(c) for c in self.concepts]
+        if self.anchor is not None:
+            self.anchor = validate_concept(self.anchor, "anchor")
+        methods.get(self.method)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+        for name in ("iterations", "ddim_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise EraseError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("eta", "lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise EraseError(f"{name} must be > 0, got {value}")
+        if self.guidance < 0:
+            raise EraseError(f"guidance must be >= 0, got {self.guidance}")
+        if self.mode not in ("fast", "reference"):
+            raise EraseError(f"unknown mode {self.mode!r}; choose fast or reference")
+        if self.sample_steps is not None and (self.sample_steps <= 0 or self.mode == "reference"):
+            raise EraseError("sample_steps must be a positive integer, and only applies to fast mode")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise EraseError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        return self
+
+
+@torch.no_grad()
+def encode(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (N, 77, D) from the pipeline's own tokenizer and text encoder."""
+    return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from timestep t to t_prev (t_prev < 0: the clean sample)."""
+    a_t = alphas[t]
+    a_prev = alphas[t_prev] if t_prev >= 0 else torch.ones((), device=alphas.device)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+class Eraser:
+    """One ESD run over a pipeline's UNet, trained in place. `run()` returns the Delta against the base."""
+
+    def __init__(self, pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None):
+        self.pipe, self.cfg = pipe, cfg.validate()
+        self.unet = pipe.unet
+        self.device = self.unet.device
+        self.parent_manifest = parent.manifest if parent is not None else None
+        self.base_sha256 = delta_lib.unet_sha256(self.unet)
+        # Base values of every parameter the new delta may hold: the parent's changes and the trained ones.
+        own = self.unet.state_dict()
+        self.base_state = {k: own[k].detach().clone() for k in (parent.tensors if parent is not None else {})}
+        if parent is not None:
+            delta_lib.apply(self.unet, parent, self.base_sha256)
+        self.params = methods.select(self.unet, cfg.method)
+        # Values the frozen model sees for the trained parameters; the base's for the rest of the diff.
+        self.original = {n: p.detach().clone() for n, p in self.params.items()}
+        for n, v in self.original.items():
+            self.base_state.setdefault(n, v)
+
+        sched = pipe.scheduler
+        sched.set_timesteps(cfg.ddim_steps)
+        self.timesteps = [int(t) for t in sched.timesteps]
+        self.alphas = sched.alphas_cumprod.to(self.device, torch.float32)
+        self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.latent_shape = (1, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        self.unet.train()
+        if cfg.mode == "reference":
+            # As written in the paper's code: a second full UNet as the frozen teacher, classic attention,
+            # and every UNet parameter left requiring grad although only the method's parameters are stepped.
+            self.frozen = copy.deepcopy(self.unet).eval().requires_grad_(False)
+            self.frozen.set_attn_processor(AttnProcessor())
+            self.unet.set_attn_processor(AttnProcessor())
+            self.unet.requires_grad_(True)
+        else:
+            self.frozen = None
+            self.unet.requires_grad_(False)
+            for p in self.params.values():
+                p.requires_grad_(True)
+            self.embeddings = self._embeddings()
+            if cfg.gradient_checkpointing:
+                self.unet.enable_gradient_checkpointing()
+        self.opt = torch.optim.Adam(self.params.values(), lr=cfg.lr)
+
+    def _embeddings(self) -> dict[str, torch.Tensor]:
+        prompts = [""] + self.cfg.concepts + ([self.cfg.anchor] if self.cfg.anchor else [])
+        embs = encode(self.pipe, prompts)
+        return dict(zip(prompts, embs.unsqueeze(1)))
+
+    def _frozen_eps(self, x: torch.Tensor, t: int, embs: torch.Tensor) -> torch.Tensor:
+        """The frozen model's noise predictions for each embedding, batched, without a second UNet."""
+        with torch.no_grad(), self.autocast:
+            n = len(embs)
+            out = functional_call(self.unet, self.original, (x.expand(n, -1, -1, -1), t, embs)).sample
+        return out.float()
+
+    def _sample_x_t(self, emb_c: torch.Tensor, emb_0: torch.Tensor, stop: int) -> torch.Tensor:
+        """x_t: guided DDIM with the model being trained, from noise down to timesteps[stop]."""
+        x = torch.randn(self.latent_shape, generator=self.gen).to(self.device)
+        path = self.timesteps[: stop + 1]
+        if self.cfg.sample_steps is not None and stop > self.cfg.sample_steps:
+            idx = torch.linspace(0, stop, self.cfg.sample_steps + 1).round().long().tolist()
+            path = [self.timesteps[i] for i in idx]
+        cond = torch.cat([emb_0, emb_c])
+        with torch.no_grad(), self.autocast:
+            for t, t_prev in zip(path, path[1:]):
+                eps_0, eps_c = self.unet(torch.cat([x, x]), t, cond).sample.float().chunk(2)
+                eps = eps_0 + self.cfg.guidance * (eps_c - eps_0)
+                x = ddim_step(x, eps, t, t_prev, self.alphas)
+        return x
+
+    def step(self) -> float:
+        cfg = self.cfg
+        # Draw the concept and the step at which x_t is taken (uniform over the DDIM steps)
+        c = int(torch.randint(len(cfg.concepts), (1,), generator=self.gen))
+        stop = int(torch.randint(cfg.ddim_steps, (1,), generator=self.gen))
+        t = self.timesteps[stop]
+        concept = cfg.concepts[c]
+        if self.frozen is None:
+            emb_c, emb_0 = self.embeddings[concept], self.embeddings[""]
+            emb_a = self.embeddings[cfg.anchor] if cfg.anchor else None
+        else:
+            emb_0, emb_c, *rest = encode(self.pipe, ["", concept] + ([cfg.anchor] if cfg.anchor else [])).unsqueeze(1)
+            emb_a = rest[0] if rest else None
+
+        # Sample x_t with the model being trained, guided by the concept
+        x = self._sample_x_t(emb_c, emb_0, stop)
+
+        # Frozen model: unconditional (or anchor) and conditional noise predictions
+        if self.frozen is None:
+            embs = torch.cat([emb_0, emb_c] + ([emb_a] if emb_a is not None else []))
+            eps_0, eps_c, *eps_a = self._frozen_eps(x, t, embs)
+        else:
+            with torch.no_grad():
+                eps_0 = self.frozen(x, t, emb_0).sample
+                eps_c = self.frozen(x, t, emb_c).sample
+                eps_a = [self.frozen(x, t, emb_a).sample[0]] if emb_a is not None else []
+            eps_0, eps_c = eps_0[0], eps_c[0]
+        first = eps_a[0] if eps_a else eps_0
+
+        # Target: the frozen prediction guided away from the concept (Eq. 7)
+        target = first - cfg.eta * (eps_c - eps_0)
+
+        # Prediction of the model being trained, for the concept, and the MSE step
+        with self.autocast:
+            pred = self.unet(x, t, emb_c).sample.float()[0]
+        loss = F.mse_loss(pred, target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def run(self, progress: bool = True, callback=None) -> delta_lib.Delta:
+        bar = tqdm(range(self.cfg.iterations), desc=f"erase {', '.join(self.cfg.concepts)}", disable=not progress)
+        losses = []
+        for i in bar:
+            losses.append(self.step())
+            bar.set_postfix(loss=f"{losses[-1]:.5f}")
+            if callback is not None:
+                callback(i + 1, losses[-1])
+        return self.finish(losses)
+
+    def finish(self, losses: list[float]) -> delta_lib.Delta:
+        """Restore the UNet for inference and diff it against the base."""
+        self.unet.eval().requires_grad_(False)
+        if self.cfg.gradient_checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        if self.frozen is not None:
+            self.unet.set_default_attn_processor()
+            self.frozen = None
+        state = self.unet.state_dict()
+        keys = set(self.base_state)
+        this = {"concepts": self.cfg.concepts, "method": self.cfg.method, "anchor": self.cfg.anchor}
+        parent = self.parent_manifest or {}
+        manifest = {
+            "base_sha256": self.base_sha256,
+            "method": self.cfg.method,
+            "concepts": self.cfg.concepts,
+            "anchor": self.cfg.anchor,
+            "seed": self.cfg.seed,
+            "hyperparameters": {k: v for k, v in asdict(self.cfg).items() if k not in ("concepts", "extra")},
+            "final_loss": losses[-1] if losses else None,
+            "erasures": list(parent.get("erasures", [])) + [this],
+            "all_concepts": sorted({c for e in list(parent.get("erasures", [])) + [this] for c in e["concepts"]}),
+        }
+        return delta_lib.diff({k: self.base_state[k] for k in keys}, {k: state[k] for k in keys}, manifest)
+
+
+def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,
+          callback=None) -> delta_lib.Delta:
+    """Erase cfg.concepts from the base pipeline's UNet, in place, and return the delta against that base.
+
+    With a parent delta (an earlier version), the parent is applied first and the new delta, still taken
+    against the base, carries the parent's changes too.
+    """
+    return Eraser(pipe, cfg, parent).run(progress, callback)
