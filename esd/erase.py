@@ -109,6 +109,11 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas: t
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
+def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eta: float, eps_a: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 7: the frozen prediction (unconditional, or the anchor's) guided away from the concept."""
+    return (eps_0 if eps_a is None else eps_a) - eta * (eps_c - eps_0)
+
+
 class Eraser:
     """One ESD run over a pipeline's UNet, trained in place. `run()` returns the Delta against the base."""
 
@@ -211,10 +216,8 @@ class Eraser:
                 eps_c = self.frozen(x, t, emb_c).sample
                 eps_a = [self.frozen(x, t, emb_a).sample[0]] if emb_a is not None else []
             eps_0, eps_c = eps_0[0], eps_c[0]
-        first = eps_a[0] if eps_a else eps_0
-
         # Target: the frozen prediction guided away from the concept (Eq. 7)
-        target = first - cfg.eta * (eps_c - eps_0)
+        target = esd_target(eps_0, eps_c, cfg.eta, eps_a[0] if eps_a else None)
 
         # Prediction of the model being trained, for the concept, and the MSE step
         with self.autocast:

@@ -46,7 +46,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     root = check_folder(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            root, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            root, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,101 @@
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from esd import delta as delta_lib
+from esd.cli import app
+from esd.erase import EraseConfig, EraseError, Eraser, erase, esd_target
+from esd.models import load_pipeline
+
+
+def test_target_formula_against_hand_computed_values():
+    eps_0 = torch.tensor([1.0, 2.0, -1.0])
+    eps_c = torch.tensor([3.0, 1.0, -1.0])
+    # eps_0 - eta * (eps_c - eps_0) with eta 2: [1 - 4, 2 + 2, -1 - 0]
+    assert torch.equal(esd_target(eps_0, eps_c, 2.0), torch.tensor([-3.0, 4.0, -1.0]))
+    # an anchor replaces the first eps_0 only: [0.5 - 2, 0 + 1, 1 - 0]
+    eps_a = torch.tensor([0.5, 0.0, 1.0])
+    assert torch.equal(esd_target(eps_0, eps_c, 1.0, eps_a), torch.tensor([-1.5, 1.0, 1.0]))
+
+
+def tiny_cfg(**kw):
+    base = dict(concepts=["circle"], method="esd-x", iterations=3, ddim_steps=4, lr=1e-3, seed=0)
+    base.update(kw)
+    return EraseConfig(**base)
+
+
+def test_same_seed_same_delta_and_another_seed_differs(tiny_sd):
+    a = erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False)
+    b = erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False)
+    c = erase(load_pipeline(tiny_sd), tiny_cfg(seed=1), progress=False)
+    assert a.manifest["tensors_sha256"] == b.manifest["tensors_sha256"]
+    assert a.manifest["tensors_sha256"] != c.manifest["tensors_sha256"]
+
+
+def test_only_the_methods_parameters_change(tiny_sd):
+    pipe = load_pipeline(tiny_sd)
+    d = erase(pipe, tiny_cfg(method="esd-x-strict"), progress=False)
+    assert d.tensors and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in d.tensors)
+
+
+def test_fast_and_reference_compute_the_same_loss(tiny_sd):
+    for anchor in (None, "square"):
+        losses = []
+        for mode in ("reference", "fast"):
+            eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, anchor=anchor))
+            losses.append(eraser.step())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-7)
+
+
+def test_fast_mode_holds_no_second_unet(tiny_sd):
+    pipe = load_pipeline(tiny_sd)
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    fast = Eraser(pipe, tiny_cfg(mode="fast", method="esd-x"))
+    held = sum(t.numel() for t in fast.original.values())
+    assert fast.frozen is None and held < 0.5 * unet_params
+    assert held == sum(p.numel() for n, p in pipe.unet.named_parameters() if ".attn2." in n)
+    ref = Eraser(load_pipeline(tiny_sd), tiny_cfg(mode="reference"))
+    assert sum(p.numel() for p in ref.frozen.parameters()) == unet_params
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(method="esd-q"), "unknown method"),
+    (dict(concepts=[""]), "concept is empty"),
+    (dict(concepts=["x" * 201]), "limit is 200"),
+    (dict(concepts=["circle\x07"]), "control characters"),
+    (dict(iterations=0), "iterations must be a positive integer"),
+    (dict(eta=0.0), "eta must be > 0"),
+    (dict(eta=-1.0), "eta must be > 0"),
+    (dict(concepts=[]), "no concept"),
+])
+def test_bad_input_is_refused(kw, message):
+    with pytest.raises((EraseError, ValueError), match=message):
+        tiny_cfg(**kw).validate()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["erase", "circle", "--method", "esd-q"], "unknown method 'esd-q'"),
+    (["erase", ""], "concept is empty"),
+    (["erase", "y" * 201], "limit is 200"),
+    (["erase", "red\ncircle"], "control characters"),
+    (["erase", "circle", "--iterations", "0"], "iterations must be a positive integer"),
+    (["erase", "circle", "--eta", "0"], "eta must be > 0"),
+    (["erase", "circle", "--base", "/nonexistent/sd"], "model folder not found: /nonexistent/sd"),
+])
+def test_cli_bad_input_one_line_and_nothing_written(tmp_path, args, message):
+    out = tmp_path / "delta"
+    result = CliRunner().invoke(app, args + ["--out", str(out)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_missing_part_of_a_model_folder_is_named(tiny_sd, tmp_path):
+    import shutil
+    broken = tmp_path / "sd"
+    shutil.copytree(tiny_sd, broken)
+    (broken / "unet" / "config.json").unlink()
+    from esd.models import ModelError
+    with pytest.raises(ModelError, match="missing unet/config.json"):
+        load_pipeline(broken)
