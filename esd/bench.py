@@ -48,3 +48,108 @@ def save_before_after(base: toy_eval.Judged, erased: toy_eval.Judged, concept: s
     path = out_dir / f"{concept.lower().replace(' ', '-')}-before-after.png"
     sample.grid([base.images[idx], erased.images[idx]]).save(path)
     return path
+
+
+# ---- speed: reference vs fast ESD loop ----------------------------------------------------------------------
+
+SPEED_CONFIGS = ("toy", "mid")
+SPEED_METHODS = ("esd-x", "esd-u")
+
+
+def speed_pipe(config: str):
+    """The toy base, or `mid`: an SD 1.x-shaped UNet with random weights (speed does not depend on weights)."""
+    if config == "toy":
+        return load_pipeline(BASE_DIR)
+    if config != "mid":
+        raise ValueError(f"unknown speed config {config!r}; choose toy or mid")
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from esd.toy.build import SCHEDULE
+
+    toy = load_pipeline(BASE_DIR)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+        cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    # A one-layer text encoder: only its 77x768 embeddings matter to the UNet loop.
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(toy.tokenizer), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
+                                        bos_token_id=toy.tokenizer.bos_token_id, eos_token_id=toy.tokenizer.eos_token_id,
+                                        pad_token_id=toy.tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(vae=toy.vae, text_encoder=text, tokenizer=toy.tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULE), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 0) -> dict:
+    """One measurement, meant for a fresh process: median s/iteration after one warm-up, and peak memory."""
+    import resource
+    import statistics
+
+    import torch
+
+    from esd.erase import EraseConfig, Eraser
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = _rss_bytes()
+    pipe = speed_pipe(config).to(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    eraser = Eraser(pipe, EraseConfig(["Vela Moreau"], method=method, mode=mode, iterations=iterations + 1, seed=seed))
+    times = []
+    for _ in range(iterations + 1):
+        t0 = time.perf_counter()
+        eraser.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {"config": config, "method": method, "mode": mode, "s_per_it": statistics.median(times[1:]),
+            "peak_bytes": peak, "device": device, "precision": eraser.autocast.fast_dtype if eraser.autocast._enabled
+            else "fp32", "sample_steps": eraser.cfg.sample_steps}
+
+
+def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None = None, log=print) -> dict:
+    """Reference and fast on the same UNet config, each in its own process so peak memory is its own."""
+    import json
+    import subprocess
+    import sys
+
+    from esd import methods as methods_lib
+
+    iterations = iterations or {"toy": 8, "mid": 4}
+    runs, checkpoint_bytes = [], {}
+    for config in configs:
+        unet = speed_pipe(config).unet
+        checkpoint_bytes[config] = {m: methods_lib.count(unet, m) * 4 for m in methods_lib.METHODS}
+        checkpoint_bytes[config]["full_unet"] = sum(p.numel() for p in unet.parameters()) * 4
+        del unet
+        for method in methods:
+            row = {"config": config, "method": method}
+            for mode in ("reference", "fast"):
+                out = subprocess.run([sys.executable, "-m", "esd.cli", "bench", "speed-run", config, method, mode,
+                                      "--iterations", str(iterations[config])], capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"speed run {config}/{method}/{mode} failed: {out.stderr.strip()[-500:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                row[f"{mode}_s_per_it"], row[f"{mode}_peak_bytes"] = r["s_per_it"], r["peak_bytes"]
+                row["device"], row[f"{mode}_precision"] = r["device"], str(r["precision"])
+                log(f"{config} {method} {mode}: {r['s_per_it']:.3f} s/it, peak {r['peak_bytes'] / 2**20:.0f} MiB")
+            row["speedup"] = row["reference_s_per_it"] / row["fast_s_per_it"]
+            row["memory_ratio"] = row["fast_peak_bytes"] / row["reference_peak_bytes"]
+            runs.append(row)
+    return {"runs": runs, "checkpoint_bytes": checkpoint_bytes}

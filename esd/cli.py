@@ -135,6 +135,41 @@ def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Pat
                       f"grid {e.get('grid')}")
 
 
+@bench_app.command("speed")
+def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: int = 8, mid_iterations: int = 4,
+                configs: str = "toy,mid"):
+    """Reference vs fast ESD loop: median s/iteration, peak memory, ratios; checkpoint bytes per method."""
+    from esd.bench import speed
+
+    result = speed(configs=[c.strip() for c in configs.split(",")],
+                   iterations={"toy": toy_iterations, "mid": mid_iterations},
+                   log=(lambda *a: None) if as_json else console.print)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table("config", "method", "reference s/it", "fast s/it", "speed-up", "reference peak", "fast peak",
+                  "memory ratio")
+    for r in result["runs"]:
+        table.add_row(r["config"], r["method"], f"{r['reference_s_per_it']:.3f}", f"{r['fast_s_per_it']:.3f}",
+                      f"{r['speedup']:.2f}x", f"{r['reference_peak_bytes'] / 2**20:.0f} MiB",
+                      f"{r['fast_peak_bytes'] / 2**20:.0f} MiB", f"{r['memory_ratio']:.2f}")
+    console.print(table)
+    sizes = Table("config", *result["checkpoint_bytes"]["toy" if "toy" in result["checkpoint_bytes"] else
+                              next(iter(result["checkpoint_bytes"]))].keys())
+    for config, row in result["checkpoint_bytes"].items():
+        sizes.add_row(config, *(f"{v / 2**20:.1f} MiB" for v in row.values()))
+    console.print("checkpoint bytes per method (fp32 delta)")
+    console.print(sizes)
+
+
+@bench_app.command("speed-run", hidden=True)
+def bench_speed_run(config: str, method: str, mode: str, iterations: int = 4):
+    """One speed measurement in this process (used by `esd bench speed`)."""
+    from esd.bench import speed_run
+
+    typer.echo(json.dumps(speed_run(config, method, mode, iterations), default=str))
+
+
 def main() -> None:
     app(prog_name="esd")
 

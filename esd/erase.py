@@ -64,7 +64,7 @@ class EraseConfig:
     anchor: str | None = None
     mode: str = "fast"                # "fast" | "reference"
     sample_steps: int | None = None   # fast only: at most this many DDIM jumps to reach x_t (None: every step)
-    precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": bf16 on GPU
+    precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": where it pays
     gradient_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -109,6 +109,19 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas: t
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
+def _bf16_pays(unet: torch.nn.Module) -> bool:
+    """bf16 autocast pays on GPUs, and on CPUs with AMX for UNets of SD size (measured: ~1.7x at 140M
+    parameters, nothing at the toy's 6.6M)."""
+    if unet.device.type == "cuda":
+        return True
+    if unet.device.type != "cpu" or sum(p.numel() for p in unet.parameters()) < 50_000_000:
+        return False
+    try:
+        return "AMX_BF16" in open("/proc/cpuinfo").read().upper()
+    except OSError:
+        return False
+
+
 def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eta: float, eps_a: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 7: the frozen prediction (unconditional, or the anchor's) guided away from the concept."""
     return (eps_0 if eps_a is None else eps_a) - eta * (eps_c - eps_0)
@@ -141,7 +154,7 @@ class Eraser:
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.latent_shape = (1, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.mode == "fast" and _bf16_pays(self.unet))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
         self.unet.train()

@@ -1,0 +1,135 @@
+"""Takedown requests as records: one MLflow run per request in the experiment `takedown-requests`.
+
+The run's `esd.status` tag moves received -> running -> candidate -> promoted | held | failed | withdrawn;
+it also carries the Prefect flow run id and the model version, so operators can browse requests in the
+MLflow UI and `esd request list/show` answers from the same records.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from esd.erase import EraseError, validate_concept
+from esd.methods import DEFAULT_BY_KIND, get as get_method
+
+EXPERIMENT = "takedown-requests"
+KINDS = tuple(DEFAULT_BY_KIND)
+STATUSES = ("received", "running", "candidate", "promoted", "held", "failed", "withdrawn")
+FINAL = {"promoted": RunStatus.FINISHED, "held": RunStatus.FINISHED, "withdrawn": RunStatus.KILLED,
+         "failed": RunStatus.FAILED}
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+class RequestError(ValueError):
+    """A request that cannot be filed or changed; one line naming why."""
+
+
+@dataclass
+class Request:
+    concept: str
+    kind: str
+    model: str
+    requester: str = ""
+    method: str | None = None
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    status: str = "received"
+    model_version: str | None = None
+    flow_run_id: str | None = None
+    gate: str | None = None
+    run_id: str | None = None
+    created: float | None = None
+    reason: str | None = None
+
+    def validate(self) -> "Request":
+        try:
+            self.concept = validate_concept(self.concept)
+        except EraseError as exc:
+            raise RequestError(str(exc)) from None
+        if self.kind not in KINDS:
+            raise RequestError(f"unknown kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
+        self.method = self.method or DEFAULT_BY_KIND[self.kind]
+        try:
+            get_method(self.method)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if EMAIL.search(self.requester or ""):
+            raise RequestError("requester must be a reference such as a ticket id, not an e-mail address")
+        if len(self.requester) > 200 or any(not c.isprintable() for c in self.requester):
+            raise RequestError("requester must be at most 200 printable characters")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}", self.request_id):
+            raise RequestError(f"request id {self.request_id!r} must be 1-100 letters, digits, '.', '_', ':' or '-'")
+        return self
+
+    def tags(self) -> dict[str, str]:
+        keep = {k: v for k, v in asdict(self).items() if v is not None and k not in ("run_id", "created")}
+        return {f"esd.{k}": str(v) for k, v in keep.items()}
+
+
+class Requests:
+    """The request records, over MlflowClient."""
+
+    def __init__(self, client: MlflowClient):
+        self.client = client
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        self.experiment_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+
+    def file(self, req: Request) -> tuple[Request, bool]:
+        """Record a validated request; the same request id filed twice returns the first record (False)."""
+        existing = self.get(req.request_id)
+        if existing is not None:
+            return existing, False
+        run = self.client.create_run(self.experiment_id, run_name=f"{req.kind}: {req.concept}"[:250],
+                                     tags=req.tags())
+        self.client.log_params(run.info.run_id, {"concept": req.concept, "kind": req.kind, "method": req.method,
+                                                 "model": req.model})
+        return self.get(req.request_id), True
+
+    def get(self, request_id: str) -> Request | None:
+        runs = self.client.search_runs([self.experiment_id], f"tags.`esd.request_id` = '{_quote(request_id)}'",
+                                       max_results=2)
+        return _from_run(runs[0]) if runs else None
+
+    def require(self, request_id: str) -> Request:
+        req = self.get(request_id)
+        if req is None:
+            raise RequestError(f"no request with id {request_id!r}")
+        return req
+
+    def list(self, status: str | None = None, max_results: int = 200) -> list[Request]:
+        query = f"tags.`esd.status` = '{_quote(status)}'" if status else ""
+        runs = self.client.search_runs([self.experiment_id], query, max_results=max_results,
+                                       order_by=["attributes.start_time DESC"])
+        return [_from_run(r) for r in runs]
+
+    def update(self, request_id: str, status: str | None = None, **fields) -> Request:
+        """Set the status and any other fields; a final status also ends the MLflow run."""
+        req = self.require(request_id)
+        if status is not None:
+            if status not in STATUSES:
+                raise RequestError(f"unknown status {status!r}")
+            fields["status"] = status
+        for k, v in fields.items():
+            if v is not None:
+                self.client.set_tag(req.run_id, f"esd.{k}", str(v))
+        if status in FINAL:
+            self.client.set_terminated(req.run_id, RunStatus.to_string(FINAL[status]))
+        return self.require(request_id)
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _from_run(run) -> Request:
+    t = run.data.tags
+    fields = {k.removeprefix("esd."): v for k, v in t.items() if k.startswith("esd.")}
+    known = {f for f in Request.__dataclass_fields__}
+    req = Request(**{k: v for k, v in fields.items() if k in known and k not in ("run_id", "created")})
+    req.run_id, req.created = run.info.run_id, run.info.start_time / 1000 if run.info.start_time else time.time()
+    return req

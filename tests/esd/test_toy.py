@@ -1,0 +1,70 @@
+"""The toy world: renderer, vocabulary, the committed judge and base, and the build on a reduced budget."""
+
+import random
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from esd.models import load_pipeline
+from esd.toy import BASE_DIR, JUDGE_DIR, world
+from esd.toy.judge import NONE, Judge, held_out_metrics, negatives
+
+
+def test_render_is_deterministic_and_distinct():
+    items = world.all_items()
+    a = world.render(items, torch.Generator().manual_seed(3))
+    b = world.render(items, torch.Generator().manual_seed(3))
+    assert a.shape == (64, 3, 32, 32) and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
+    # every pair of combinations looks different
+    flat = a.flatten(1)
+    dist = torch.cdist(flat, flat) + torch.eye(64) * 1e9
+    assert dist.min() > 1.0
+
+
+def test_every_prompt_word_is_one_token():
+    tok = CLIPTokenizer.from_pretrained(BASE_DIR / "tokenizer", model_max_length=77)
+    for item in world.all_items():
+        for t in range(3):
+            prompt = world.prompt_for(item, t)
+            ids = tok(prompt).input_ids[1:-1]
+            assert len(ids) == len(prompt.replace("'s", " 's").split()), prompt
+    assert tok("a dog").input_ids != tok("a cat").input_ids
+
+
+def test_committed_judge_is_accurate_and_rejects_junk():
+    judge = Judge.load(JUDGE_DIR)
+    metrics = held_out_metrics(judge, seed=4242, count=512)
+    assert min(metrics["accuracy"].values()) >= 0.98
+    assert metrics["negatives_rejected"] >= 0.95
+    # pure noise and 50/50 blends are never named as a class
+    gen, rng = torch.Generator().manual_seed(7), random.Random(7)
+    noise = judge.classify(torch.rand(64, 3, 32, 32, generator=gen))
+    assert all(v == NONE for head in noise.values() for v in head)
+    items = world.sample_items(64, rng)
+    others = [world.Item((i.shape + 2) % 4, (i.color + 1) % 4, i.style) for i in items]
+    blend = 0.5 * world.render(items, gen) + 0.5 * world.render(others, gen)
+    shapes = judge.classify(blend)["shape"]
+    assert sum(s == NONE for s in shapes) / len(shapes) >= 0.9
+
+
+def test_committed_base_loads_as_a_stable_diffusion_pipeline():
+    pipe = load_pipeline(BASE_DIR)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.unet.config.sample_size == 16 and pipe.vae_scale_factor == 2
+    size = sum(f.stat().st_size for f in BASE_DIR.rglob("*") if f.is_file())
+    size += sum(f.stat().st_size for f in JUDGE_DIR.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+
+
+def test_build_on_a_reduced_budget(tmp_path):
+    from esd.toy.build import BuildConfig, build
+    cfg = BuildConfig(seed=1, images_per_combo=4, vae_steps=60, judge_steps=150, unet_steps=30)
+    info = build(tmp_path, cfg, log=lambda *a: None)
+    assert info["vae_mse"] < 0.05
+    assert min(info["judge"]["accuracy"].values()) >= 0.9
+    pipe = load_pipeline(tmp_path / "base")
+    images = pipe(["a red circle"], num_inference_steps=3, height=32, width=32, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    assert Judge.load(tmp_path / "judge") is not None
