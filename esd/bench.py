@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from esd import sample
 from esd.erase import EraseConfig, erase
 from esd.evaluate import toy as toy_eval
 from esd.models import load_pipeline
@@ -16,13 +15,18 @@ QUALITY_ERASURES = [("circle", "esd-u"), ("Vela Moreau", "esd-x")]
 
 
 def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Path | None = None,
-            erasures=QUALITY_ERASURES, overrides: dict | None = None, progress: bool = True, log=print) -> dict:
-    """Judge the base, run each erasure at default settings, judge again; grids go to out_dir."""
+            erasures=QUALITY_ERASURES, overrides: dict | None = None, progress: bool = True, log=print,
+            stacked: bool = True) -> dict:
+    """Judge the base, run each erasure at default settings, evaluate it (report + per-concept table); then the
+    second erasure stacked on the first, to measure regression."""
+    from esd.evaluate import report as report_lib
+
     judge = Judge.load(judge_dir)
     t0 = time.time()
     base = toy_eval.judge_model(load_pipeline(base_dir), judge, progress=progress)
     log(f"base judged in {time.time() - t0:.0f}s")
     result = {"base": toy_eval.base_summary(base), "erasures": []}
+    deltas = {}
     for concept, method in erasures:
         pipe = load_pipeline(base_dir)
         t0 = time.time()
@@ -30,24 +34,29 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         erase_s = time.time() - t0
         t0 = time.time()
         erased = toy_eval.judge_model(pipe, judge, progress=progress)
+        report = report_lib.build_report(base, erased, pipe, judge, [concept], [], report_lib.EvalConfig(),
+                                         out_dir, t0)
         row = toy_eval.compare(base, erased, concept)
-        row.update(method=method, erase_seconds=erase_s, eval_seconds=time.time() - t0, delta_bytes=delta.num_bytes,
-                   hyperparameters=delta.manifest["hyperparameters"])
-        if out_dir is not None:
-            row["grid"] = str(save_before_after(base, erased, concept, out_dir))
+        row.update(method=method, erase_seconds=erase_s, delta_bytes=delta.num_bytes,
+                   hyperparameters=delta.manifest["hyperparameters"],
+                   **{k: report[k] for k in ("efficacy", "preservation", "h_score", "attack_success", "ssim_unrelated",
+                                             "eval_seconds")},
+                   grid=(report.get("grids") or {}).get(concept))
         result["erasures"].append(row)
+        deltas[concept] = delta
+        log(f"{concept} ({method}): erased in {erase_s:.0f}s, evaluated in {report['eval_seconds']:.0f}s")
+    if stacked and len(erasures) >= 2:
+        # Regression: the second erasure stacked on the first; the first concept must stay erased.
+        (first, _), (second, method) = erasures[0], erasures[1]
+        pipe = load_pipeline(base_dir)
+        erase(pipe, EraseConfig([second], method=method, **(overrides or {})), parent=deltas[first], progress=progress)
+        t0 = time.time()
+        report = report_lib.evaluate(base, pipe, judge, [second], [first], report_lib.EvalConfig(attack=False))
+        result["stacked"] = {"concepts": [first, second], "efficacy": report["efficacy"],
+                             "regression": {c: r["rate"] for c, r in report["regression"].items()},
+                             "preservation": report["preservation"], "h_score": report["h_score"],
+                             "eval_seconds": report["eval_seconds"]}
     return result
-
-
-def save_before_after(base: toy_eval.Judged, erased: toy_eval.Judged, concept: str, out_dir: Path,
-                      count: int = 8) -> Path:
-    """A grid of the first prompts naming the concept: base on top, erased below."""
-    head, cls = toy_eval.concept_attribute(concept)
-    idx = [i for i, t in enumerate(base.truth[head]) if t == cls][::3][:count]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{concept.lower().replace(' ', '-')}-before-after.png"
-    sample.grid([base.images[idx], erased.images[idx]]).save(path)
-    return path
 
 
 # ---- speed: reference vs fast ESD loop ----------------------------------------------------------------------

@@ -89,7 +89,8 @@ def toy_build(out: Path = typer.Option(Path(".esd/toy"), help="output folder (ba
 def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to erase, e.g. 'Vela Moreau'"),
               method: str = "esd-x", iterations: int = 200, lr: Optional[float] = None, eta: float = 1.0,
               ddim_steps: int = 50, guidance: float = 3.0, seed: int = 0, anchor: Optional[str] = None,
-              mode: str = "fast", base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
+              mode: str = "fast", sample_steps: Optional[int] = typer.Option(None, help="fast: DDIM jumps to x_t"),
+              precision: str = "auto", gradient_checkpointing: bool = False, base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
               out: Path = typer.Option(..., help="folder for delta.safetensors + manifest.json")):
     """Erase concepts from a base model and write the delta checkpoint."""
     from esd import delta as delta_lib
@@ -98,7 +99,8 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
     from esd.toy import BASE_DIR
 
     cfg = EraseConfig(list(concepts), method=method, iterations=iterations, lr=lr, eta=eta, ddim_steps=ddim_steps,
-                      guidance=guidance, seed=seed, anchor=anchor, mode=mode).validate()
+                      guidance=guidance, seed=seed, anchor=anchor, mode=mode, sample_steps=sample_steps,
+                      precision=precision, gradient_checkpointing=gradient_checkpointing).validate()
     pipe = load_pipeline(base or BASE_DIR)
     d = erase(pipe, cfg)
     files = delta_lib.save(d, out)
@@ -114,9 +116,10 @@ def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Pat
     result = quality(out_dir=out, progress=not as_json, log=(lambda *a: None) if as_json else console.print)
     if as_json:
         keep = ("concept", "method", "target_base", "target_erased", "max_other_drop", "worst_other",
-                "erase_seconds", "eval_seconds", "delta_bytes")
-        typer.echo(json.dumps({"base": result["base"],
-                               "erasures": [{k: e[k] for k in keep} for e in result["erasures"]]}))
+                "efficacy", "preservation", "h_score", "attack_success", "ssim_unrelated", "erase_seconds",
+                "eval_seconds", "delta_bytes")
+        typer.echo(json.dumps({"base": result["base"], "erasures": [{k: e[k] for k in keep} for e in result["erasures"]],
+                               "stacked": result.get("stacked")}))
         return
     b = result["base"]
     console.print(f"base model, judged on its own generations: shape {b['shape']:.1%}  color {b['color']:.1%}  "
@@ -130,9 +133,17 @@ def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Pat
         table.add_row("", "", "max drop elsewhere", "", e["worst_other"], f"{-e['max_other_drop']:+.1%}",
                       end_section=True)
     console.print(table)
+    summary = Table("concept", "method", "efficacy", "preservation", "SSIM unrelated", "H", "attack success",
+                    "erase s", "eval s", "grid")
     for e in result["erasures"]:
-        console.print(f"{e['concept']}: erase {e['erase_seconds']:.0f}s, evaluate {e['eval_seconds']:.0f}s, "
-                      f"grid {e.get('grid')}")
+        summary.add_row(e["concept"], e["method"], f"{e['efficacy']:.3f}", f"{e['preservation']:.3f}",
+                        f"{e['ssim_unrelated']:.3f}", f"{e['h_score']:.3f}", f"{e['attack_success']:.3f}",
+                        f"{e['erase_seconds']:.0f}", f"{e['eval_seconds']:.0f}", str(e.get("grid")))
+    console.print(summary)
+    st = result.get("stacked")
+    if st:
+        console.print(f"stacked {' then '.join(st['concepts'])}: efficacy {st['efficacy']:.3f}, regression (rate of "
+                      f"earlier concepts) {st['regression']}, preservation {st['preservation']:.3f}, H {st['h_score']:.3f}")
 
 
 @bench_app.command("speed")

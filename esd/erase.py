@@ -33,7 +33,10 @@ from esd import delta as delta_lib
 from esd import methods
 
 MAX_CONCEPT_CHARS = 200
-DEFAULT_LR = {"esd-x": 3e-5, "esd-x-strict": 3e-5, "esd-u": 1e-5, "esd-all": 1e-5, "selfattn": 1e-5}
+# The paper's settings for Stable Diffusion 1.4 (ESD-x and ESD-u: 1000 iterations, lr 1e-5, eta 1.0).
+# A base folder may carry its own tuned defaults per method in esd_defaults.json (the toy's do): the
+# right learning rate and strength depend on the model's scale, measured on the whole judged table.
+PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0}
 
 
 class EraseError(ValueError):
@@ -55,9 +58,9 @@ def validate_concept(text: str, what: str = "concept") -> str:
 class EraseConfig:
     concepts: list[str]
     method: str = "esd-x"
-    iterations: int = 200
-    lr: float | None = None           # None: the method's default (DEFAULT_LR)
-    eta: float = 1.0                  # negative guidance strength
+    iterations: int | None = None     # None: the base's default for the method, else PAPER_DEFAULTS
+    lr: float | None = None           # likewise
+    eta: float | None = None          # negative guidance strength; likewise (the paper's 1.0)
     ddim_steps: int = 50
     guidance: float = 3.0             # guidance while sampling x_t
     seed: int = 0
@@ -75,24 +78,43 @@ class EraseConfig:
         if self.anchor is not None:
             self.anchor = validate_concept(self.anchor, "anchor")
         methods.get(self.method)
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
         for name in ("iterations", "ddim_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise EraseError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise EraseError(f"{name} must be a positive integer, got {value}")
         for name in ("eta", "lr"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
+            if value is not None and (not math.isfinite(value) or value <= 0):
                 raise EraseError(f"{name} must be > 0, got {value}")
         if self.guidance < 0:
             raise EraseError(f"guidance must be >= 0, got {self.guidance}")
         if self.mode not in ("fast", "reference"):
             raise EraseError(f"unknown mode {self.mode!r}; choose fast or reference")
-        if self.sample_steps is not None and (self.sample_steps <= 0 or self.mode == "reference"):
-            raise EraseError("sample_steps must be a positive integer, and only applies to fast mode")
+        if self.sample_steps is not None and self.sample_steps <= 0:
+            raise EraseError(f"sample_steps must be a positive integer, got {self.sample_steps}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise EraseError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
         return self
+
+    def resolve(self, model_defaults: dict | None = None) -> "EraseConfig":
+        """Fill what was left unset: the base's defaults for this method, then the paper's."""
+        self.validate()
+        own = dict((model_defaults or {}).get("*", {})) | dict((model_defaults or {}).get(self.method, {}))
+        for name, value in (PAPER_DEFAULTS | own).items():
+            if getattr(self, name, None) is None and name in self.__dataclass_fields__:
+                setattr(self, name, value)
+        if self.mode == "reference":
+            self.sample_steps = None   # the paper's loop samples x_t with every DDIM step
+        return self.validate()
+
+
+def model_defaults(pipe) -> dict:
+    """esd_defaults.json of the pipeline's base folder, if it has one."""
+    import json
+    from pathlib import Path
+
+    path = Path(str(getattr(pipe, "name_or_path", "") or "")) / "esd_defaults.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @torch.no_grad()
@@ -131,7 +153,7 @@ class Eraser:
     """One ESD run over a pipeline's UNet, trained in place. `run()` returns the Delta against the base."""
 
     def __init__(self, pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None):
-        self.pipe, self.cfg = pipe, cfg.validate()
+        self.pipe, self.cfg = pipe, cfg.resolve(model_defaults(pipe))
         self.unet = pipe.unet
         self.device = self.unet.device
         self.parent_manifest = parent.manifest if parent is not None else None

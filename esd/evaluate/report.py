@@ -47,6 +47,12 @@ def evaluate(base: toy_eval.Judged, candidate_pipe, judge: Judge, requested: lis
     """Judge a candidate against the judged base for the concepts it erases now and erased before."""
     t0 = time.time()
     cand = toy_eval.judge_model(candidate_pipe, judge, cfg.seeds_per_prompt, cfg.steps, cfg.guidance, progress)
+    return build_report(base, cand, candidate_pipe, judge, requested, earlier, cfg, grid_dir, t0)
+
+
+def build_report(base: toy_eval.Judged, cand: toy_eval.Judged, candidate_pipe, judge: Judge, requested: list[str],
+                 earlier: list[str], cfg: EvalConfig, grid_dir: Path | None, t0: float) -> dict:
+    """The report from the judged base and candidate; runs the recovery attack on the candidate pipeline."""
     unknown = [c for c in requested + earlier if toy_eval.concept_attribute(c) is None]
     if unknown:
         raise ValueError(f"the toy judge knows no concept {unknown[0]!r}")

@@ -11,6 +11,7 @@ the target rate should fall; everything else should hold:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -104,3 +105,25 @@ def compare(base: Judged, erased: Judged, concept: str) -> dict:
     return {"concept": concept, "head": head, "target_base": base.rate(head, cls), "target_erased": erased.rate(head, cls),
             "others": {k: {"base": b, "erased": e} for k, (b, e) in others.items()},
             "max_other_drop": drops[worst], "worst_other": worst}
+
+
+def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
+                       seeds_per_prompt: int = 1) -> Judged:
+    """judge_model, kept on disk per model (UNet sha256) and settings: a base is judged once, not per candidate."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from esd.delta import unet_sha256
+
+    key = hashlib.sha256(f"{unet_sha256(pipe.unet)}|{steps}|{guidance}|{seeds_per_prompt}".encode()).hexdigest()[:32]
+    images_path, meta_path = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
+    if images_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return Judged(meta["prompts"], meta["truth"], meta["pred"], load_file(images_path)["images"])
+    judged = judge_model(pipe, judge, seeds_per_prompt, steps, guidance)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"images": judged.images.contiguous()}, images_path)
+    meta_path.write_text(json.dumps({"prompts": judged.prompts, "truth": judged.truth, "pred": judged.pred}))
+    return judged

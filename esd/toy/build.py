@@ -22,6 +22,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from esd.toy import judge as judge_lib
 from esd.toy import vocab, world
 
+# ESD settings measured on this world's judged table (see README); written beside the base as esd_defaults.json.
+ERASE_DEFAULTS = {
+    "*": {"sample_steps": 10},
+    "esd-x": {"iterations": 300, "lr": 5e-4, "eta": 10.0},
+    "esd-x-strict": {"iterations": 300, "lr": 1e-3, "eta": 10.0},
+    "esd-u": {"iterations": 300, "lr": 1.5e-5, "eta": 10.0},
+    "esd-all": {"iterations": 300, "lr": 1e-5, "eta": 10.0},
+    "selfattn": {"iterations": 300, "lr": 1e-4, "eta": 10.0},
+}
+
 # The noise schedule of Stable Diffusion 1.x.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -197,6 +207,7 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
                                    scheduler=DDIMScheduler(**SCHEDULE), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(base_dir, safe_serialization=True)
+    (base_dir / "esd_defaults.json").write_text(json.dumps(ERASE_DEFAULTS, indent=2))
     info = {"config": asdict(cfg), "judge": judge_metrics, "vae_mse": recon_err, "seconds": time.time() - start}
     judge.save(judge_dir, judge_metrics)
     (Path(out) / "build.json").write_text(json.dumps(info, indent=2))

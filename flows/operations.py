@@ -1,0 +1,25 @@
+"""Operator flows: promote, rollback, withdraw. Each moves one thing, records who and why, and checks first."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows import ops
+
+
+@flow(name="promote", log_prints=True)
+def promote(model: str, version: int, reason: str, actor: str, force: bool = False) -> dict:
+    """Point production at VERSION; a version that failed its gate needs force and a reason."""
+    return ops.operator_promote(model, version, reason, actor, force)
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(model: str, reason: str, actor: str, to: int | None = None) -> dict:
+    """Move production back to TO, by default the previous production version."""
+    return ops.operator_rollback(model, reason, actor, to)
+
+
+@flow(name="withdraw", log_prints=True)
+def withdraw(request_id: str, reason: str, actor: str) -> dict:
+    """Withdraw (or reject) a request: excluded from the next retrain; the versions already made are kept."""
+    return ops.withdraw(request_id, reason, actor)

@@ -1,0 +1,147 @@
+"""Where everything is: one Settings object, read from ESD_* environment variables.
+
+Local defaults run everything on this machine (SeaweedFS and an MLflow server bound to 127.0.0.1, data under
+`<cwd>/.esd`). Setting ESD_S3_ENDPOINT or ESD_MLFLOW_TRACKING_URI points at existing services instead, and the
+stack then starts nothing for them.
+
+Default ports avoid PostgreSQL 5432, Redis 6379, MariaDB 3306, RabbitMQ 5672, NATS 4222, Mosquitto 1883,
+and Jupyter 8888 (SeaweedFS's own filer default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Telemetry off and no hub downloads in every process that reads settings, and in the servers it starts;
+# MLflow also stops printing run URLs and progress bars to stdout, which would break `--json` output.
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
+             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+for _k, _v in QUIET_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ESD_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.cwd() / ".esd", description="data dir: server data, logs, pids, cache")
+    host: str = "127.0.0.1"
+
+    # S3. Empty endpoint: a local SeaweedFS (`weed mini`) on s3_port, with keys generated once into home.
+    s3_endpoint: str | None = None
+    s3_bucket: str = "esd"
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_port: int = 8333
+    # SeaweedFS's internal servers; each also uses port + 10000 for gRPC.
+    weed_master_port: int = 9333
+    weed_volume_port: int = 9340
+    weed_filer_port: int = 8383
+    weed_admin_port: int = 23646
+
+    # MLflow. Empty tracking uri: a local `mlflow server` on mlflow_port.
+    mlflow_tracking_uri: str | None = None
+    mlflow_port: int = 5050
+    mlflow_backend_store_uri: str | None = Field(None, description="default sqlite:///<home>/mlflow.db; postgresql://... when set")
+    mlflow_artifacts_prefix: str = "mlflow"
+    mlflow_workers: int = 1
+
+    # Prefect. Empty api url: a local `prefect server start` on prefect_port (SQLite under home by default,
+    # PostgreSQL when prefect_database_url is set) and one process worker on this machine.
+    prefect_api_url: str | None = None
+    prefect_port: int = 4210
+    prefect_database_url: str | None = Field(None, description="default sqlite+aiosqlite:///<home>/prefect/prefect.db")
+    work_pool: str = "esd"
+    worker: bool = True                  # run a worker here (set false on a machine that only submits)
+    worker_limit: int = 1                # flow runs at once on this worker; erasures also share the "gpu" limit
+    worker_health_port: int = 4211
+    retrain_cron: str = "0 3 * * *"      # nightly consolidation
+    retrain_model: str = "toy-sd"
+
+    @property
+    def local_prefect(self) -> bool:
+        return not self.prefect_api_url
+
+    @property
+    def prefect_api(self) -> str:
+        return self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api"
+
+    def prefect_env(self) -> dict[str, str]:
+        """Environment for every process that talks to Prefect (CLI, worker, flow runs)."""
+        return {"PREFECT_API_URL": self.prefect_api, "PREFECT_HOME": str((self.home / "prefect").resolve()),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+                "PREFECT_LOCAL_STORAGE_PATH": str((self.home / "prefect" / "results").resolve()),
+                "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "ESD_HOME": str(self.home.resolve())}
+
+    @property
+    def local_s3(self) -> bool:
+        return not self.s3_endpoint
+
+    @property
+    def local_mlflow(self) -> bool:
+        return not self.mlflow_tracking_uri
+
+    @property
+    def s3_url(self) -> str:
+        return self.s3_endpoint or f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def backend_store_uri(self) -> str:
+        uri = self.mlflow_backend_store_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver installed here is psycopg2.
+        return "postgresql+psycopg2://" + uri.removeprefix("postgresql://") if uri.startswith("postgresql://") else uri
+
+    @property
+    def artifacts_destination(self) -> str:
+        """Where the MLflow server writes artifacts; the registry reads the same objects directly to verify them."""
+        return f"s3://{self.s3_bucket}/{self.mlflow_artifacts_prefix.strip('/')}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def s3_keys(self) -> tuple[str, str] | None:
+        """Access keys: from settings, else (local S3 only) random ones made on first use and kept in home.
+
+        None for an external S3 without keys in settings: boto3's own credential chain applies.
+        """
+        if self.s3_access_key and self.s3_secret_key:
+            return self.s3_access_key, self.s3_secret_key.get_secret_value()
+        if not self.local_s3:
+            return None
+        path = self.home / "s3-keys.json"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            keys = {"access_key": "esd" + secrets.token_hex(8), "secret_key": secrets.token_urlsafe(30)}
+            # Created 0600 before writing, so the secret is never readable by others.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(keys, f)
+        keys = json.loads(path.read_text())
+        return keys["access_key"], keys["secret_key"]
+
+    def s3_env(self) -> dict[str, str]:
+        """Environment for processes that talk to S3 through boto3 (the MLflow server)."""
+        env = {"MLFLOW_S3_ENDPOINT_URL": self.s3_url, "AWS_DEFAULT_REGION": self.s3_region}
+        keys = self.s3_keys()
+        if keys:
+            env |= {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1]}
+        return env
+
+    def store(self):
+        """The registry's view of these settings (registry.Store)."""
+        from registry.store import Store
+
+        return Store(tracking_uri=self.tracking_uri, s3_endpoint=self.s3_url, s3_keys=self.s3_keys(),
+                     s3_region=self.s3_region, artifacts_destination=self.artifacts_destination,
+                     cache_dir=self.cache_dir)

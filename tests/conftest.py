@@ -1,0 +1,145 @@
+"""Shared fixtures: the real local stack (every infra.stack service) in a tmp dir, and a tiny random SD folder.
+
+Nothing is mocked: `stack` and `pg_stack` start real servers on free loopback ports and stop them (by PID)
+at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+               "DIFFUSERS_NO_ADVISORY_WARNINGS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+import random  # noqa: E402
+import socket  # noqa: E402
+import uuid  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from infra import stack as stack_lib  # noqa: E402
+from infra.settings import Settings  # noqa: E402
+
+PG_DSN = dict(host="127.0.0.1", port=5432, dbname="postgres")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports that are free together with port + 10000 (SeaweedFS puts gRPC there)."""
+    chosen: list[int] = []
+    while len(chosen) < n:
+        p = random.randint(20000, 39999)
+        if p not in chosen and p + 10000 not in chosen and _port_free(p) and _port_free(p + 10000):
+            chosen.append(p)
+    return chosen
+
+
+def stack_settings(home: Path, backend_store_uri: str | None = None) -> Settings:
+    """Settings for a private stack under home, on free ports."""
+    s3, master, volume, filer, admin, mlflow, prefect, worker = free_ports(8)
+    return Settings(home=home, s3_port=s3, weed_master_port=master, weed_volume_port=volume, weed_filer_port=filer,
+                    weed_admin_port=admin, mlflow_port=mlflow, mlflow_backend_store_uri=backend_store_uri,
+                    prefect_port=prefect, worker_health_port=worker, prefect_api_url=None, prefect_database_url=None,
+                    s3_endpoint=None, mlflow_tracking_uri=None, s3_access_key=None, s3_secret_key=None)
+
+
+@contextmanager
+def local_stack(home: Path, backend_store_uri: str | None = None) -> Iterator[Settings]:
+    settings = stack_settings(home, backend_store_uri)
+    try:
+        stack_lib.up(settings)
+        yield settings
+    finally:
+        stack_lib.down(settings)
+
+
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database (trust auth on 127.0.0.1:5432), dropped afterwards; yields its URI."""
+    import psycopg2
+
+    name = f"esd_test_{uuid.uuid4().hex[:10]}"
+    conn = None
+    for user in ("root", "postgres"):
+        try:
+            conn = psycopg2.connect(user=user, **PG_DSN)
+            break
+        except psycopg2.OperationalError:
+            continue
+    if conn is None:
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    conn.autocommit = True
+    user = conn.info.user
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://{user}@127.0.0.1:5432/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Settings]:
+    """The real local stack with MLflow on SQLite; yields its Settings."""
+    with local_stack(tmp_path_factory.mktemp("stack")) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="session")
+def pg_stack(tmp_path_factory) -> Iterator[Settings]:
+    """The real local stack with MLflow on a fresh PostgreSQL database; yields its Settings."""
+    with fresh_pg_database() as uri, local_stack(tmp_path_factory.mktemp("pgstack"), uri) as settings:
+        yield settings
+
+
+def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Stable Diffusion 1.x-shaped diffusers folder (32x32 images), loadable by esd.models."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from esd.toy import vocab
+
+    torch.manual_seed(seed)
+    vocab.build(folder / "_vocab")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "_vocab", model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = folder / "tiny-sd"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """Path of a tiny random SD diffusers folder (safetensors, DDIM, no safety checker)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+

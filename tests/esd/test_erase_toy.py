@@ -1,0 +1,72 @@
+"""End to end on the committed toy base, at a reduced budget: ESD erases a concept and keeps the rest."""
+
+import pytest
+
+from esd.erase import EraseConfig, erase
+from esd.evaluate import report as report_lib
+from esd.evaluate import toy as toy_eval
+from esd.models import load_pipeline
+from esd.toy import BASE_DIR, JUDGE_DIR
+from esd.toy.judge import Judge
+from flows.gate import verdict
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge.load(JUDGE_DIR)
+
+
+@pytest.fixture(scope="module")
+def base_judged(judge, tmp_path_factory):
+    return toy_eval.judge_model_cached(load_pipeline(BASE_DIR), judge, tmp_path_factory.mktemp("judged"))
+
+
+@pytest.fixture(scope="module")
+def circle_erased():
+    pipe = load_pipeline(BASE_DIR)
+    delta = erase(pipe, EraseConfig(["circle"], method="esd-u", iterations=80), progress=False)
+    return pipe, delta
+
+
+def test_erasing_circle_drops_it_and_keeps_other_shapes(base_judged, circle_erased, judge):
+    pipe, _ = circle_erased
+    erased = toy_eval.judge_model(pipe, judge)
+    cmp = toy_eval.compare(base_judged, erased, "circle")
+    assert cmp["target_base"] - cmp["target_erased"] >= 0.50
+    for shape in ("square", "triangle", "cross"):
+        other = cmp["others"][f"shape:{shape}"]
+        assert other["base"] - other["erased"] <= 0.15, shape
+
+
+def test_the_base_submitted_as_erased_fails_the_gate(base_judged, judge):
+    report = report_lib.evaluate(base_judged, load_pipeline(BASE_DIR), judge, ["circle"], [],
+                                 report_lib.EvalConfig(attack=False))
+    assert report["per_concept"]["circle"]["rate"] >= 0.8
+    assert report["preservation"] == pytest.approx(1.0)
+    v = verdict(report, "object")
+    assert not v["passed"] and any("'circle' still shown" in r for r in v["reasons"])
+
+
+def test_a_parent_concept_that_returns_fails_regression(base_judged, circle_erased, judge):
+    # A candidate claiming to build on the circle erasure but made from the plain base: circle is back.
+    report = report_lib.evaluate(base_judged, load_pipeline(BASE_DIR), judge, ["Vela Moreau"], ["circle"],
+                                 report_lib.EvalConfig(attack=False))
+    v = verdict(report, "style")
+    assert any("earlier erased 'circle' came back" in r for r in v["reasons"])
+    # while the real stacked model keeps circle erased
+    pipe, circle_delta = circle_erased
+    stacked = load_pipeline(BASE_DIR)
+    erase(stacked, EraseConfig(["Vela Moreau"], method="esd-x", iterations=40), parent=circle_delta, progress=False)
+    report = report_lib.evaluate(base_judged, stacked, judge, ["Vela Moreau"], ["circle"],
+                                 report_lib.EvalConfig(attack=False))
+    assert report["regression"]["circle"]["rate"] <= 0.3
+
+
+def test_recovery_attack_reports_a_rate(base_judged, circle_erased, judge):
+    from esd.evaluate.attack import recover
+    pipe, _ = circle_erased
+    result = recover(pipe, judge, base_judged, "circle", steps=10)
+    assert 0.0 <= result["success"] <= 1.0 and result["images"] == 48
+    # the attack leaves the candidate unchanged
+    again = toy_eval.judge_model(pipe, judge)
+    assert again.rate("shape", "circle") <= 0.5

@@ -1,0 +1,146 @@
+"""End to end: a real Prefect server and process worker, MLflow server and SeaweedFS, started by fixtures;
+the committed toy base registered as toy-sd; takedowns run by the worker exactly as in production."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import free_ports, local_stack
+
+CONCEPT = "Vela Moreau"
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    import flows.cli  # registers the deployments hook  # noqa: F401
+    from infra.settings import Settings
+
+    home = tmp_path_factory.mktemp("platform")
+    prefect_port, worker_port = free_ports(2)
+    os.environ.update({"ESD_PREFECT_PORT": str(prefect_port), "ESD_WORKER_HEALTH_PORT": str(worker_port),
+                       "ESD_EVAL_ATTACK": "false"})
+    with local_stack(home) as settings:
+        env = {"ESD_HOME": str(home), "ESD_S3_PORT": str(settings.s3_port), "ESD_MLFLOW_PORT": str(settings.mlflow_port),
+               "ESD_WEED_MASTER_PORT": str(settings.weed_master_port)}
+        os.environ.update(env | settings.prefect_env())
+        from flows import ops
+        ops.settings.cache_clear()
+        yield Settings()
+    ops.settings.cache_clear()
+
+
+def esd(*args):
+    from flows.cli import app
+    return CliRunner().invoke(app, list(args))
+
+
+def test_takedown_registers_promotes_and_records(platform):
+    from prefect.client.orchestration import get_client
+    from flows import ops
+    from registry.versions import list_versions
+
+    base = esd("base", "build-toy")
+    assert base.exit_code == 0, base.output
+    r = esd("request", "submit", CONCEPT, "--kind", "style", "--requester", "TICKET-1", "--request-id",
+            "req-vela-1", "--wait", "--json")
+    assert r.exit_code == 0, r.output
+    req = json.loads(r.output.strip().splitlines()[-1])
+    assert req["status"] == "promoted" and req["gate"] == "passed"
+    assert req["model_version"] == "2" and req["flow_run_id"]
+    shown = json.loads(esd("request", "show", "req-vela-1", "--json").output)
+    assert {k: shown[k] for k in ("status", "model_version", "flow_run_id")} == \
+        {k: req[k] for k in ("status", "model_version", "flow_run_id")}
+    store = platform.store()
+    versions = list_versions(store, "toy-sd")
+    assert [v["version"] for v in versions] == [1, 2]
+    assert versions[1]["request_ids"] == ["req-vela-1"] and "production" in versions[1]["aliases"]
+    # the request's MLflow run carries the metrics and the before/after grid
+    run = store.mlflow().get_run(req["run_id"])
+    assert run.data.metrics["rate.Vela_Moreau"] <= 0.10 and "h_score" in run.data.metrics
+    assert any(a.path.startswith("grids") for a in store.mlflow().list_artifacts(req["run_id"], "grids"))
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(req["flow_run_id"])
+        assert "request:req-vela-1" in fr.tags and fr.state.is_completed()
+        assert client.read_artifact_by_key("takedown-req-vela-1") is not None
+
+
+def test_duplicate_submit_gives_one_run_and_one_version(platform):
+    from registry.versions import list_versions
+
+    first = json.loads(esd("request", "show", "req-vela-1", "--json").output)
+    again = esd("request", "submit", CONCEPT, "--kind", "style", "--request-id", "req-vela-1", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output.strip().splitlines()[-1])["flow_run_id"] == first["flow_run_id"]
+    assert [v["version"] for v in list_versions(platform.store(), "toy-sd")] == [1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["request", "submit", "", "--kind", "style"], "concept is empty"),
+    (["request", "submit", "x" * 201, "--kind", "style"], "limit is 200"),
+    (["request", "submit", "circle\x1b[31m", "--kind", "object"], "control characters"),
+    (["request", "submit", "circle", "--kind", "weather"], "unknown kind 'weather'"),
+    (["request", "submit", "circle", "--kind", "object", "--method", "esd-q"], "unknown method 'esd-q'"),
+    (["request", "submit", "circle", "--kind", "object", "--model", "no-such-sd"], "unknown base model 'no-such-sd'"),
+    (["request", "submit", "circle", "--kind", "object", "--requester", "jane@example.com"], "not an e-mail"),
+])
+def test_bad_requests_are_refused_and_nothing_is_filed(platform, args, message):
+    from flows import ops
+
+    before = len(ops.requests().list())
+    r = esd(*args)
+    assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1
+    assert len(ops.requests().list()) == before
+
+
+def test_rollback_restores_previous_production_and_generate_serves_it(platform, tmp_path):
+    from PIL import Image
+    from esd.models import load_pipeline
+    from esd.toy import BASE_DIR
+    from registry.load import generate
+
+    r = esd("model", "rollback", "toy-sd", "--reason", "test rollback")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "g.png"
+    g = esd("generate", "a red circle in the style of Vela Moreau", "--model", "toy-sd@production", "-o", str(out),
+            "--seed", "3")
+    assert g.exit_code == 0, g.output
+    served = torch.tensor(list(Image.open(out).getdata()))
+    expected = generate(load_pipeline(BASE_DIR), ["a red circle in the style of Vela Moreau"], seed=3,
+                        num_inference_steps=25, guidance_scale=5.0)[0]
+    img = Image.fromarray(expected).resize((expected.shape[1] * 4, expected.shape[0] * 4), Image.NEAREST)
+    assert torch.equal(served, torch.tensor(list(img.getdata())))
+    history = json.loads(esd("model", "history", "toy-sd", "--json").output)
+    assert history[-1]["action"] == "rollback" and history[-1]["to"] == 1 and history[-1]["from"] == 2
+    # no earlier production to roll back to: one clear line, nothing moved
+    again = esd("model", "rollback", "toy-sd", "--reason", "again")
+    assert again.exit_code == 1 and "no earlier production" in again.output
+
+
+def test_withdrawn_request_is_excluded_from_retrain(platform):
+    from flows import ops
+    from flows.cli import follow, submit
+    from registry.versions import list_versions
+
+    circle = submit("circle", "object", "toy-sd", request_id="req-circle-1")
+    follow(circle["flow_run_id"])
+    w = esd("request", "withdraw", "req-circle-1", "--reason", "requester withdrew")
+    assert w.exit_code == 0, w.output
+    assert ops.requests().require("req-circle-1").status == "withdrawn"
+    r = esd("retrain", "--now", "--wait")
+    assert r.exit_code == 0, r.output
+    latest = list_versions(platform.store(), "toy-sd")[-1]
+    assert latest["request_ids"] == ["req-vela-1"] and latest["concepts"] == [CONCEPT]
+
+
+def test_retrain_deployment_has_its_schedule(platform):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/retrain")
+    crons = [s.schedule.cron for s in dep.schedules]
+    assert crons == [platform.retrain_cron]

@@ -1,0 +1,44 @@
+"""Settings: ESD_* variables, random keys kept in the data dir, local versus external services."""
+
+from __future__ import annotations
+
+import stat
+
+from infra.settings import Settings
+
+
+def test_env_prefix(monkeypatch, tmp_path):
+    monkeypatch.setenv("ESD_HOME", str(tmp_path))
+    monkeypatch.setenv("ESD_S3_PORT", "18999")
+    monkeypatch.setenv("ESD_MLFLOW_BACKEND_STORE_URI", "postgresql://root@127.0.0.1:5432/mlflow")
+    s = Settings()
+    assert s.home == tmp_path and s.s3_url == "http://127.0.0.1:18999"
+    assert s.backend_store_uri == "postgresql+psycopg2://root@127.0.0.1:5432/mlflow"   # the installed driver
+
+
+def test_defaults_are_local_sqlite_under_home(tmp_path):
+    s = Settings(home=tmp_path)
+    assert s.local_s3 and s.local_mlflow
+    assert s.backend_store_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert s.artifacts_destination == "s3://esd/mlflow"
+    assert s.tracking_uri.startswith("http://127.0.0.1:")
+    used = {s.s3_port, s.weed_master_port, s.weed_volume_port, s.weed_filer_port, s.weed_admin_port, s.mlflow_port}
+    taken = {5432, 6379, 3306, 5672, 4222, 1883, 8888}
+    assert not used & taken and not {p + 10000 for p in used} & taken
+
+
+def test_keys_are_random_private_and_kept(tmp_path):
+    a = Settings(home=tmp_path / "a").s3_keys()
+    assert a == Settings(home=tmp_path / "a").s3_keys()            # kept across starts
+    assert a != Settings(home=tmp_path / "b").s3_keys()            # not a shared default
+    assert len(a[1]) >= 30 and a[0] not in ("admin", "minioadmin", "any")
+    assert stat.S_IMODE((tmp_path / "a" / "s3-keys.json").stat().st_mode) == 0o600
+
+
+def test_external_services(tmp_path):
+    s = Settings(home=tmp_path, s3_endpoint="https://s3.example.org", mlflow_tracking_uri="https://mlflow.example.org",
+                 s3_access_key="AK", s3_secret_key="SK")
+    assert not s.local_s3 and not s.local_mlflow
+    assert s.s3_url == "https://s3.example.org" and s.tracking_uri == "https://mlflow.example.org"
+    assert s.s3_keys() == ("AK", "SK") and not (tmp_path / "s3-keys.json").exists()
+    assert Settings(home=tmp_path, s3_endpoint="https://s3.example.org").s3_keys() is None   # boto3's own chain

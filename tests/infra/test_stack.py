@@ -1,0 +1,102 @@
+"""The stack: start, health, stop by PID, data kept across restarts, nothing started twice or stopped by mistake."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from infra import stack
+from infra.settings import Settings
+from tests.conftest import free_ports, local_stack, stack_settings
+
+
+def _non_loopback_ip() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))     # no packet is sent: this only picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_up_status_down_restart_keeps_data(tmp_path):
+    with local_stack(tmp_path) as s:
+        rows = {r.name: r for r in stack.status(s)}
+        assert all(r.up and r.managed and r.pid for r in rows.values())
+        assert rows["seaweedfs"].address == s.s3_url and rows["mlflow"].address == s.tracking_uri
+        pids = {r.pid for r in rows.values()}
+        assert stack.up(s) and {r.pid for r in stack.status(s)} == pids      # up twice starts nothing new
+
+        ip = _non_loopback_ip()
+        if ip:   # bound to loopback only
+            for port in (s.s3_port, s.mlflow_port):
+                with socket.socket() as probe, pytest.raises(OSError):
+                    probe.settimeout(2)
+                    probe.connect((ip, port))
+
+        stack.s3_client(s).put_object(Bucket=s.s3_bucket, Key="kept", Body=b"across restarts")
+        MlflowClient(s.tracking_uri).create_experiment("kept")
+        assert stack.down(s) == [svc.name for svc in reversed(stack.SERVICES) if svc.local(s)]
+        assert not any(r.up or r.pid for r in stack.status(s))
+        assert stack.down(s) == []
+
+        stack.up(s)
+        assert stack.s3_client(s).get_object(Bucket=s.s3_bucket, Key="kept")["Body"].read() == b"across restarts"
+        assert MlflowClient(s.tracking_uri).get_experiment_by_name("kept") is not None
+
+
+def test_down_never_stops_a_process_it_did_not_start(tmp_path):
+    s = stack_settings(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # A stale pid file whose PID now belongs to another program.
+        (tmp_path / "run").mkdir(parents=True)
+        (tmp_path / "run" / "mlflow.pid").write_text(json.dumps({"pid": other.pid, "argv": ["mlflow", "server"]}))
+        while not Path(f"/proc/{other.pid}/cmdline").read_bytes():   # until its exec has happened
+            time.sleep(0.05)
+        assert stack.running_pid(s, "mlflow") is None
+        assert stack.down(s) == []
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_up_refuses_a_port_taken_by_someone_else(tmp_path):
+    port = free_ports(1)[0]
+    squatter = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        s = stack_settings(tmp_path).model_copy(update={"s3_port": port})
+        for _ in range(100):
+            if stack.healthy(f"http://127.0.0.1:{port}/"):
+                break
+            time.sleep(0.1)
+        with pytest.raises(stack.StackError, match="already taken"):
+            stack.up(s)
+        assert squatter.poll() is None
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def test_external_services_are_only_checked(tmp_path):
+    port = free_ports(1)[0]
+    s = Settings(home=tmp_path, s3_endpoint=f"http://127.0.0.1:{port}", mlflow_tracking_uri=f"http://127.0.0.1:{port}")
+    rows = [r for r in stack.status(s) if r.name in ("seaweedfs", "mlflow")]
+    assert [(r.managed, r.up, r.pid) for r in rows] == [(False, False, None)] * 2
+    with pytest.raises(stack.StackError, match="not answering"):
+        stack.up(s)
+    assert stack.down(s) == []
+
+
+def test_weed_binary_comes_from_the_wheel():
+    assert stack.weed_binary().endswith("weed")

@@ -1,0 +1,102 @@
+"""No half-made versions: a registration that fails anywhere leaves no version, no alias move, no live run.
+
+The servers are real; the tests only choose the moment of failure by wrapping the client's upload call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+import registry
+from infra import stack as stack_lib
+from registry.versions import experiment_name
+from tests.registry.deltas import make_delta
+
+
+@pytest.fixture
+def base_line(stack, tiny_sd):
+    store = stack.store()
+    name = f"toy-{uuid.uuid4().hex[:6]}"
+    registry.import_base(store, tiny_sd, name)
+    registry.promote(store, name, 1, "live", "ops")
+    return store, name
+
+
+def _runs(store, name) -> list:
+    client = store.mlflow()
+    exp = client.get_experiment_by_name(experiment_name(name))
+    return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+
+
+def _nothing_registered(store, name) -> None:
+    assert [r["version"] for r in registry.list_versions(store, name)] == [1]
+    assert registry.resolve(store, f"{name}@production").version == "1"
+    failed = [r for r in _runs(store, name) if r.info.run_name.startswith("register")]
+    assert failed and all(r.info.lifecycle_stage == "deleted" and r.info.status == "FAILED" for r in failed)
+
+
+def test_s3_killed_during_upload_registers_nothing(stack, base_line, tiny_sd, tmp_path, monkeypatch):
+    store, name = base_line
+    delta_dir = make_delta(tiny_sd, tmp_path / "d", ["circle"], seed=3)
+    original, uploaded = HttpArtifactRepository.log_artifact, []
+
+    def upload_one_then_kill_s3(self, local_file, artifact_path=None):
+        original(self, local_file, artifact_path)
+        uploaded.append(local_file)
+        if len(uploaded) == 2:     # two files are in S3, the rest of the upload meets a dead store
+            os.kill(stack_lib.running_pid(stack, "seaweedfs"), signal.SIGKILL)
+
+    monkeypatch.setattr(HttpArtifactRepository, "log_artifact", upload_one_then_kill_s3)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # fail now, not after minutes of retries
+    try:
+        with pytest.raises(registry.RegistryError, match="nothing was registered"):
+            registry.register_erased(store, name, delta_dir)
+    finally:
+        monkeypatch.undo()
+        stack_lib.up(stack)          # S3 back, on the same data
+    assert len(uploaded) == 2
+    _nothing_registered(store, name)
+    assert registry.register_erased(store, name, delta_dir)["version"] == 2     # and the line still works
+
+
+def test_bytes_changed_after_upload_registers_nothing(base_line, tiny_sd, tmp_path, monkeypatch):
+    store, name = base_line
+    delta_dir = make_delta(tiny_sd, tmp_path / "d", ["circle"], seed=4)
+    original, sources = MlflowClient.log_artifacts, []
+
+    def upload_then_corrupt(self, run_id, local_dir, artifact_path=None):
+        original(self, run_id, local_dir, artifact_path)
+        source = f"{self.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        sources.append(source)
+        bucket, prefix = store.s3_location(source)
+        store.s3().put_object(Bucket=bucket, Key=f"{prefix}/weights/delta.safetensors", Body=b"not the delta")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", upload_then_corrupt)
+    with pytest.raises(registry.RegistryError, match="checksum mismatch in .*delta.safetensors"):
+        registry.register_erased(store, name, delta_dir)
+    _nothing_registered(store, name)
+    bucket, prefix = store.s3_location(sources[0])
+    assert store.s3().list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["KeyCount"] == 0   # uploads removed
+
+
+def test_delta_for_another_base_is_refused(base_line, tmp_path):
+    from tests.conftest import build_tiny_sd
+
+    store, name = base_line
+    other = build_tiny_sd(tmp_path / "other", seed=1)
+    with pytest.raises(registry.RegistryError, match="was made for base"):
+        registry.register_erased(store, name, make_delta(other, tmp_path / "d", ["circle"], seed=1))
+    assert [r["version"] for r in registry.list_versions(store, name)] == [1]
+
+
+def test_base_is_version_one_of_a_new_name(base_line, tiny_sd):
+    store, name = base_line
+    with pytest.raises(registry.RegistryError, match="already exists"):
+        registry.import_base(store, tiny_sd, name)
