@@ -87,7 +87,8 @@ def toy_build(out: Path = typer.Option(Path(".esd/toy"), help="output folder (ba
 @app.command("erase")
 @one_line_errors
 def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to erase, e.g. 'Vela Moreau'"),
-              method: str = "esd-x", iterations: int = 200, lr: Optional[float] = None, eta: float = 1.0,
+              method: str = "esd-x", iterations: Optional[int] = None, lr: Optional[float] = None,
+              eta: Optional[float] = typer.Option(None, help="negative guidance (paper: 1.0; the base may set its own)"),
               ddim_steps: int = 50, guidance: float = 3.0, seed: int = 0, anchor: Optional[str] = None,
               mode: str = "fast", sample_steps: Optional[int] = typer.Option(None, help="fast: DDIM jumps to x_t"),
               precision: str = "auto", gradient_checkpointing: bool = False, base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),

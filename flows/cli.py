@@ -22,6 +22,10 @@ from infra.settings import Settings
 from registry.cli import base_app, model_app
 
 console = Console()
+# Prefect reads its API address from the environment: set it before any client exists, so no command ever
+# falls back to a temporary server of its own.
+for _k, _v in Settings().prefect_env().items():
+    os.environ.setdefault(_k, _v)
 request_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Takedown requests.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(model_app, name="model")

@@ -207,18 +207,14 @@ class OperationError(ValueError):
 
 
 def operator_promote(model: str, version: int, reason: str, actor_name: str, force: bool = False) -> dict:
-    """Promote after checking the version's gate; a failed or missing gate needs force (and a reason, always)."""
+    """Promote (the registry refuses a version that failed its gate unless forced); held requests follow."""
+    from registry import aliases
     from registry.versions import resolve
 
     if not reason or not reason.strip():
         raise OperationError("a reason is required")
-    mv = resolve(store(), f"{model}/{version}")
-    tags = mv.tags or {}
-    if tags.get("esd.kind") == "erased" and tags.get("esd.gate") != "passed" and not force:
-        raise OperationError(f"{model}/{version} has not passed its gate (gate: {tags.get('esd.gate', 'none')}); "
-                             "use --force with a reason to promote it anyway")
-    event = promote(model, int(version), (f"forced: {reason}" if force and tags.get("esd.gate") != "passed"
-                                          else reason), actor_name)
+    event = aliases.promote(store(), model, int(version), reason, actor_name, force=force)
+    tags = resolve(store(), f"{model}/{version}").tags or {}
     for rid in json.loads(tags.get("esd.request_ids", "[]")):
         req = requests().get(rid)
         if req is not None and req.status in ("candidate", "held"):

@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from esd.erase import EraseError, validate_concept
@@ -86,8 +86,13 @@ class Requests:
             return existing, False
         run = self.client.create_run(self.experiment_id, run_name=f"{req.kind}: {req.concept}"[:250],
                                      tags=req.tags())
-        self.client.log_params(run.info.run_id, {"concept": req.concept, "kind": req.kind, "method": req.method,
-                                                 "model": req.model})
+        try:
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in
+                                                           {"concept": req.concept, "kind": req.kind,
+                                                            "method": req.method, "model": req.model}.items()])
+        except Exception:
+            self.client.delete_run(run.info.run_id)   # no half-filed request
+            raise
         return self.get(req.request_id), True
 
     def get(self, request_id: str) -> Request | None:

@@ -30,6 +30,6 @@ def worker_command(s: Settings) -> list[str]:
 
 
 def worker_env(s: Settings) -> dict[str, str]:
-    return s.prefect_env() | {"PREFECT_WORKER_WEBSERVER_HOST": s.host,
+    return s.to_env() | s.s3_env() | s.prefect_env() | {"PREFECT_WORKER_WEBSERVER_HOST": s.host,
                               "PREFECT_WORKER_WEBSERVER_PORT": str(s.worker_health_port),
                               "PREFECT_API_REQUEST_TIMEOUT": "120"}

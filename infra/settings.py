@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     def prefect_api(self) -> str:
         return self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api"
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ESD_* variables, so processes we start (the worker, its flow runs) see the same stack."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[f"ESD_{name.upper()}"] = str(value)
+        return out
+
     def prefect_env(self) -> dict[str, str]:
         """Environment for every process that talks to Prefect (CLI, worker, flow runs)."""
         return {"PREFECT_API_URL": self.prefect_api, "PREFECT_HOME": str((self.home / "prefect").resolve()),

@@ -62,8 +62,21 @@ def _move(store: Store, name: str, alias: str, version: int, reason: str, actor:
     return event | {"changed": True}
 
 
-def promote(store: Store, name: str, version: int | str, reason: str, actor: str, alias: str = "production") -> dict:
-    """Point ALIAS at VERSION after verifying its stored files (and its base's) in S3."""
+def promote(store: Store, name: str, version: int | str, reason: str, actor: str, alias: str = "production",
+            force: bool = False) -> dict:
+    """Point ALIAS at VERSION after verifying its stored files (and its base's) in S3.
+
+    Production takes an erased version only if it passed its gate (tag esd.gate); force overrides that, and
+    the history records the move as forced.
+    """
+    if alias == "production":
+        tags = resolve(store, f"{name}/{version}").tags or {}
+        gate = tags.get("esd.gate")
+        if tags.get("esd.kind") == "erased" and gate != "passed":
+            if not force:
+                raise RegistryError(f"{name} v{version} has not passed its gate (gate: {gate or 'not evaluated'}); "
+                                    "use --force with a reason to promote it anyway")
+            reason = f"forced past gate {gate or 'not evaluated'}: {reason}"
     return _move(store, name, alias, int(version), reason, actor, "promote")
 
 

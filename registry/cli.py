@@ -138,11 +138,12 @@ def history(name: str, as_json: bool = AS_JSON) -> None:
 @one_line_errors
 def promote(name: str, version: int, reason: str = typer.Option(..., help="why (recorded in the history)"),
             actor: Optional[str] = ACTOR, alias: str = typer.Option("production", help="production or candidate"),
+            force: bool = typer.Option(False, "--force", help="promote a version that failed its gate"),
             as_json: bool = AS_JSON) -> None:
-    """Point an alias at VERSION, after checking its stored files."""
+    """Point an alias at VERSION, after checking its stored files (and, for production, its gate)."""
     from registry.aliases import promote as promote_version
 
-    event = promote_version(_store(), name, version, reason, actor or getpass.getuser(), alias=alias)
+    event = promote_version(_store(), name, version, reason, actor or getpass.getuser(), alias=alias, force=force)
     if as_json:
         return _echo_json(event)
     typer.echo(f"{name} {alias}: {_v(event['from'])} -> {_v(event['to'])}" if event["changed"]

@@ -34,3 +34,8 @@ def make_delta(base: Path, out: Path, concepts: list[str], *, seed: int, prior: 
                 "seed": seed}
     delta_lib.save(delta_lib.diff(base_state, unet.state_dict(), manifest), out)
     return out
+
+
+def mark_gate(store, name: str, version: int, verdict: str = "passed") -> None:
+    """Record an evaluation verdict on a version, as the takedown flow does before promoting."""
+    store.mlflow().set_model_version_tag(name, str(version), "esd.gate", verdict)

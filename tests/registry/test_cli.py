@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from registry.cli import base_app, model_app
-from tests.registry.deltas import make_delta
+from tests.registry.deltas import make_delta, mark_gate
 
 app = typer.Typer()
 app.add_typer(model_app, name="model")
@@ -35,6 +35,9 @@ def test_import_list_show_lineage_promote_history(env, stack, tiny_sd, tmp_path)
     import registry
 
     registry.register_erased(stack.store(), name, make_delta(tiny_sd, tmp_path / "d", ["Vela Moreau"], seed=1))
+    refused = run(env, "model", "promote", name, "2", "--reason", "not evaluated yet", "--actor", "ops")
+    assert refused.exit_code == 1 and "has not passed its gate" in refused.output
+    mark_gate(stack.store(), name, 2)
 
     listed = json.loads(run(env, "model", "list", name, "--json").stdout)
     assert [r["version"] for r in listed] == [1, 2]

@@ -14,7 +14,7 @@ from esd import delta as delta_lib
 from esd.models import load_pipeline
 from infra import stack as stack_lib
 from registry.load import generate
-from tests.registry.deltas import make_delta
+from tests.registry.deltas import make_delta, mark_gate
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,8 @@ def line(backend_stack, tiny_sd, deltas):
     registry.import_base(store, tiny_sd, name)
     registry.register_erased(store, name, deltas["circle"])
     registry.register_erased(store, name, deltas["vela"])
+    mark_gate(store, name, 2)
+    mark_gate(store, name, 3)
     return {"name": name, "store": store, "settings": backend_stack}
 
 
@@ -154,6 +156,7 @@ def test_corrupt_object_refuses_load_and_promote(backend_stack, tiny_sd, tmp_pat
     name = f"toy-{uuid.uuid4().hex[:6]}"
     registry.import_base(store, tiny_sd, name)
     registry.register_erased(store, name, make_delta(tiny_sd, tmp_path / "d", ["circle"], seed=5))
+    mark_gate(store, name, 2)
     registry.promote(store, name, 1, "live", "ops")
     history = registry.history(store, name)
 
