@@ -132,7 +132,8 @@ def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 
             else "fp32", "sample_steps": eraser.cfg.sample_steps}
 
 
-def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None = None, log=print) -> dict:
+def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None = None, log=print,
+          erasure_check: bool = True) -> dict:
     """Reference and fast on the same UNet config, each in its own process so peak memory is its own."""
     import json
     import subprocess
@@ -161,4 +162,26 @@ def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None 
             row["speedup"] = row["reference_s_per_it"] / row["fast_s_per_it"]
             row["memory_ratio"] = row["fast_peak_bytes"] / row["reference_peak_bytes"]
             runs.append(row)
-    return {"runs": runs, "checkpoint_bytes": checkpoint_bytes}
+    result = {"runs": runs, "checkpoint_bytes": checkpoint_bytes}
+    if erasure_check:
+        result["erasure"] = same_erasure("Vela Moreau", "esd-x", log)
+    return result
+
+
+def same_erasure(concept: str, method: str, log=print) -> dict:
+    """The toy erasure at default settings in both modes, judged: fast should match reference's H score."""
+    from esd.evaluate import report as report_lib
+
+    judge = Judge.load(JUDGE_DIR)
+    base = toy_eval.judge_model(load_pipeline(BASE_DIR), judge)
+    out = {"concept": concept, "method": method}
+    for mode in ("reference", "fast"):
+        pipe = load_pipeline(BASE_DIR)
+        t0 = time.time()
+        erase(pipe, EraseConfig([concept], method=method, mode=mode), progress=False)
+        report = report_lib.evaluate(base, pipe, judge, [concept], [], report_lib.EvalConfig(attack=False))
+        out[f"{mode}_h_score"], out[f"{mode}_rate"] = report["h_score"], report["per_concept"][concept]["rate"]
+        out[f"{mode}_erase_seconds"] = time.time() - t0 - report["eval_seconds"]
+        log(f"toy {concept} {method} {mode}: H {report['h_score']:.3f}, erase {out[f'{mode}_erase_seconds']:.0f}s")
+    out["h_difference"] = out["fast_h_score"] - out["reference_h_score"]
+    return out

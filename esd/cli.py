@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -28,20 +29,35 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def one_line_errors(fn):
-    """Known input errors become one line on stderr and exit status 1, never a traceback."""
+def first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
+def _engine_errors() -> tuple[type[BaseException], ...]:
     from esd.delta import DeltaError
     from esd.erase import EraseError
+    from esd.evaluate.real import PromptFileError
     from esd.methods import MethodError
     from esd.models import ModelError
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (EraseError, MethodError, ModelError, DeltaError, FileNotFoundError) as exc:
-            fail(str(exc))
-    return wrapper
+    return EraseError, MethodError, ModelError, DeltaError, PromptFileError, FileNotFoundError
+
+
+def errors_as_one_line(known=lambda: ()):
+    """A decorator: the engine's errors, and those `known()` names, become one line on stderr and exit 1."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except _engine_errors() + tuple(known()) as exc:
+                fail(first_line(exc))
+        return wrapper
+    return decorate
+
+
+one_line_errors = errors_as_one_line()
 
 
 @app.command("methods")
@@ -149,13 +165,13 @@ def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Pat
 
 @bench_app.command("speed")
 def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: int = 8, mid_iterations: int = 4,
-                configs: str = "toy,mid"):
+                configs: str = "toy,mid", erasure: bool = typer.Option(True, help="also erase in both modes (toy)")):
     """Reference vs fast ESD loop: median s/iteration, peak memory, ratios; checkpoint bytes per method."""
     from esd.bench import speed
 
     result = speed(configs=[c.strip() for c in configs.split(",")],
                    iterations={"toy": toy_iterations, "mid": mid_iterations},
-                   log=(lambda *a: None) if as_json else console.print)
+                   log=(lambda *a: None) if as_json else console.print, erasure_check=erasure)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -172,6 +188,11 @@ def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: i
         sizes.add_row(config, *(f"{v / 2**20:.1f} MiB" for v in row.values()))
     console.print("checkpoint bytes per method (fp32 delta)")
     console.print(sizes)
+    e = result.get("erasure")
+    if e:
+        console.print(f"toy erasure of {e['concept']!r} ({e['method']}, default settings): H reference "
+                      f"{e['reference_h_score']:.3f} ({e['reference_erase_seconds']:.0f}s), fast {e['fast_h_score']:.3f} "
+                      f"({e['fast_erase_seconds']:.0f}s), difference {e['h_difference']:+.3f}")
 
 
 @bench_app.command("speed-run", hidden=True)

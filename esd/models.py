@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402

@@ -5,7 +5,6 @@ Errors are one line on stderr with exit status 1; nothing is filed or moved when
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -15,7 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from esd.cli import app, fail
+from esd.cli import app, errors_as_one_line, fail
 from infra import stack
 from infra.cli import stack_app
 from infra.settings import Settings
@@ -42,36 +41,24 @@ def _prefect_env() -> Settings:
 
 
 def _deploy(s: Settings) -> None:
-    from flows.deploy import deploy_all
+    from flows.deploy import deploy_all, prefect_api
 
-    os.environ.update(s.prefect_env())
-    deploy_all(s.retrain_cron, s.retrain_model, s.work_pool)
+    with prefect_api(s.prefect_api):
+        deploy_all(s.retrain_cron, s.retrain_model, s.work_pool)
 
 
 stack.POST_UP.append(_deploy)
 
 
-def platform_errors(fn):
-    """Known failures of the platform's parts become one line and exit status 1."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
+def _platform_errors() -> tuple[type[BaseException], ...]:
+    from flows.ops import OperationError
+    from flows.requests import RequestError
+    from registry.cli import _registry_errors
 
-        from esd.delta import DeltaError
-        from esd.erase import EraseError
-        from esd.models import ModelError
-        from flows.ops import OperationError
-        from flows.requests import RequestError
-        from registry.store import RegistryError
+    return (RequestError, OperationError, stack.StackError) + _registry_errors()
 
-        try:
-            return fn(*args, **kwargs)
-        except MlflowException as exc:
-            fail(exc.message.strip().splitlines()[0])
-        except (RequestError, OperationError, RegistryError, EraseError, ModelError, DeltaError,
-                stack.StackError) as exc:
-            fail((str(exc).strip().splitlines() or [type(exc).__name__])[0])
-    return wrapper
+
+platform_errors = errors_as_one_line(_platform_errors)
 
 
 def _require_stack(s: Settings) -> None:
@@ -145,6 +132,7 @@ def submit(concept: str, kind: str, model: str, requester: str = "", method: str
     from prefect.deployments import run_deployment
 
     from flows import ops
+    from flows.deploy import prefect_api
     from flows.requests import Request, RequestError
     from registry.store import RegistryError
     from registry.versions import base_version
@@ -164,9 +152,10 @@ def submit(concept: str, kind: str, model: str, requester: str = "", method: str
     if record.concept != req.concept or record.model != req.model:
         raise RequestError(f"request id {req.request_id} is already used by another request ({record.concept!r})")
     try:
-        run = run_deployment("takedown/takedown", parameters={"request_id": record.request_id},
-                             idempotency_key=record.request_id, tags=[f"request:{record.request_id}"], timeout=0,
-                             as_subflow=False)
+        with prefect_api(s.prefect_api):
+            run = run_deployment("takedown/takedown", parameters={"request_id": record.request_id},
+                                 idempotency_key=record.request_id, tags=[f"request:{record.request_id}"], timeout=0,
+                                 as_subflow=False)
     except Exception as exc:
         reqs.update(record.request_id, "failed", reason=f"could not start the run: {exc}"[:500])
         raise
@@ -181,8 +170,11 @@ def follow(flow_run_id: str, poll: float = 2.0) -> str:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
+    from flows.deploy import prefect_api
+
     seen: dict[str, str] = {}
-    with get_client(sync_client=True) as client, console.status("waiting for a worker") as status:
+    with prefect_api(Settings().prefect_api), get_client(sync_client=True) as client, \
+            console.status("waiting for a worker") as status:
         while True:
             fr = client.read_flow_run(flow_run_id)
             for tr in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id]))):
@@ -234,7 +226,10 @@ def request_show(request_id: str, as_json: bool = typer.Option(False, "--json"))
     """One request: status, model version, gate, Prefect flow run."""
     _require_stack(Settings())
     r = show_request(request_id)
-    typer.echo(json.dumps(r)) if as_json else _print_request(r)
+    if as_json:
+        typer.echo(json.dumps(r))
+    else:
+        _print_request(r)
 
 
 @request_app.command("withdraw")
@@ -262,8 +257,11 @@ def retrain_cmd(now: bool = typer.Option(False, "--now", help="run the retrain d
         fail("retrain runs on its schedule; use --now to run it now")
     s = _prefect_env()
     _require_stack(s)
-    run = run_deployment("retrain/retrain", parameters={"model": model or s.retrain_model}, timeout=0,
-                         as_subflow=False)
+    from flows.deploy import prefect_api
+
+    with prefect_api(s.prefect_api):
+        run = run_deployment("retrain/retrain", parameters={"model": model or s.retrain_model}, timeout=0,
+                             as_subflow=False)
     console.print(f"retrain flow run {run.id}")
     if wait:
         console.print(f"finished: {follow(str(run.id))}")
@@ -317,6 +315,7 @@ def demo(concept: str = DEMO_CONCEPT):
     grids = sorted((s.home / "reports" / f"takedown-{r['request_id']}").glob("*.png"))
     for g in grids:
         console.print(f"grid: {g.resolve()}")
-    console.print(f"MLflow UI:  {s.tracking_uri}/#/experiments/{r and client.get_run(r['run_id']).info.experiment_id}")
+    experiment = client.get_run(r["run_id"]).info.experiment_id
+    console.print(f"MLflow UI:  {s.tracking_uri}/#/experiments/{experiment}/runs/{r['run_id']}")
     console.print(f"Prefect UI: {s.prefect_api.removesuffix('/api')}/runs/flow-run/{result['flow_run_id']}")
     console.print(f"takedown finished in {time.time() - t0:.0f}s")

@@ -15,6 +15,13 @@ WORK_POOL = "esd"
 GPU_LIMIT = "gpu"
 
 
+def prefect_api(url: str):
+    """Talk to the Prefect server at URL, whatever this process's Prefect settings were at import."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: url})
+
+
 def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
     with get_client(sync_client=True) as client:
         try:

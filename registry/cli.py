@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import getpass
 import json
 from datetime import datetime, timezone
@@ -11,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from esd.cli import errors_as_one_line, fail
+
 model_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Registered versions, aliases and history.")
 base_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Base models.")
 
@@ -18,29 +19,16 @@ ACTOR = typer.Option(None, help="who moves the alias (a name or ticket; default:
 AS_JSON = typer.Option(False, "--json", help="print JSON")
 
 
-def one_line_errors(fn):
-    """Known failures print `error: ...` on stderr and exit 1, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-        from mlflow.exceptions import MlflowException
+def _registry_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from mlflow.exceptions import MlflowException
 
-        from esd.delta import DeltaError
-        from esd.models import ModelError
-        from registry.store import RegistryError
+    from registry.store import RegistryError
 
-        try:
-            return fn(*args, **kwargs)
-        except MlflowException as exc:
-            _fail(exc.message.strip().splitlines()[0])
-        except (RegistryError, ModelError, DeltaError, BotoCoreError, ClientError, OSError) as exc:
-            _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0])
-    return wrapper
+    return MlflowException, RegistryError, BotoCoreError, ClientError, OSError
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+one_line_errors = errors_as_one_line(_registry_errors)
 
 
 def _store():
@@ -50,7 +38,7 @@ def _store():
     settings = Settings()
     # Fail fast: the MLflow client would otherwise retry a dead server for minutes.
     if not healthy(f"{settings.tracking_uri}/health"):
-        _fail(f"MLflow server at {settings.tracking_uri} is not answering (start it with `esd stack up`)")
+        fail(f"MLflow server at {settings.tracking_uri} is not answering (start it with `esd stack up`)")
     return settings.store()
 
 

@@ -24,7 +24,7 @@ def base_judged(judge, tmp_path_factory):
 @pytest.fixture(scope="module")
 def circle_erased():
     pipe = load_pipeline(BASE_DIR)
-    delta = erase(pipe, EraseConfig(["circle"], method="esd-u", iterations=80), progress=False)
+    delta = erase(pipe, EraseConfig(["circle"], method="esd-u", iterations=300, lr=1.75e-5, eta=10.0), progress=False)
     return pipe, delta
 
 
@@ -59,14 +59,16 @@ def test_a_parent_concept_that_returns_fails_regression(base_judged, circle_eras
     erase(stacked, EraseConfig(["Vela Moreau"], method="esd-x", iterations=40), parent=circle_delta, progress=False)
     report = report_lib.evaluate(base_judged, stacked, judge, ["Vela Moreau"], ["circle"],
                                  report_lib.EvalConfig(attack=False))
-    assert report["regression"]["circle"]["rate"] <= 0.3
+    circle = report["regression"]["circle"]
+    assert circle["rate"] <= circle["base_rate"] - 0.4
 
 
 def test_recovery_attack_reports_a_rate(base_judged, circle_erased, judge):
     from esd.evaluate.attack import recover
+    from esd.delta import state_sha256
     pipe, _ = circle_erased
+    before = state_sha256(pipe.unet.state_dict()), state_sha256(pipe.text_encoder.state_dict())
     result = recover(pipe, judge, base_judged, "circle", steps=10)
     assert 0.0 <= result["success"] <= 1.0 and result["images"] == 48
     # the attack leaves the candidate unchanged
-    again = toy_eval.judge_model(pipe, judge)
-    assert again.rate("shape", "circle") <= 0.5
+    assert (state_sha256(pipe.unet.state_dict()), state_sha256(pipe.text_encoder.state_dict())) == before
