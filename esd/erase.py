@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,6 @@ class EraseConfig:
     sample_steps: int | None = None   # fast only: at most this many DDIM jumps to reach x_t (None: every step)
     precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": where it pays
     gradient_checkpointing: bool = False
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "EraseConfig":
         if not self.concepts:
@@ -296,7 +295,7 @@ class Eraser:
             "concepts": self.cfg.concepts,
             "anchor": self.cfg.anchor,
             "seed": self.cfg.seed,
-            "hyperparameters": {k: v for k, v in asdict(self.cfg).items() if k not in ("concepts", "extra")},
+            "hyperparameters": {k: v for k, v in asdict(self.cfg).items() if k != "concepts"},
             "final_loss": losses[-1] if losses else None,
             "erasures": list(parent.get("erasures", [])) + [this],
             "all_concepts": sorted({c for e in list(parent.get("erasures", [])) + [this] for c in e["concepts"]}),

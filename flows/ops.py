@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from infra.settings import Settings
 from flows.gate import GateSettings, verdict as gate_verdict
-from flows.requests import Request, Requests
+from flows.requests import Requests
 
 DEFAULT_ACTOR = "esd-platform"
 

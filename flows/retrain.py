@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows import ops
 from flows.tasks import (apply_gate, erase_concepts, evaluate_candidate, promote_version, publish_report,
-                         register_candidate, set_request_status)
+                         register_candidate)
 
 ACTIVE = ("promoted", "candidate", "held")
 

@@ -2,7 +2,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from esd import delta as delta_lib
 from esd.cli import app
 from esd.erase import EraseConfig, EraseError, Eraser, erase, esd_target
 from esd.models import load_pipeline

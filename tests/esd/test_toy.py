@@ -2,13 +2,12 @@
 
 import random
 
-import pytest
 import torch
 from transformers import CLIPTokenizer
 
 from esd.models import load_pipeline
 from esd.toy import BASE_DIR, JUDGE_DIR, world
-from esd.toy.judge import NONE, Judge, held_out_metrics, negatives
+from esd.toy.judge import NONE, Judge, held_out_metrics
 
 
 def test_render_is_deterministic_and_distinct():

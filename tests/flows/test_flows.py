@@ -44,7 +44,6 @@ def esd(*args):
 
 def test_takedown_registers_promotes_and_records(platform):
     from prefect.client.orchestration import get_client
-    from flows import ops
     from registry.versions import list_versions
 
     base = esd("base", "build-toy")
