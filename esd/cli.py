@@ -12,6 +12,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from esd.errors import first_line  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -27,11 +28,6 @@ console = Console()
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 def _engine_errors() -> tuple[type[BaseException], ...]:

@@ -1,7 +1,9 @@
 """The checkpoint of an erasure: only the UNet parameters that changed, as safetensors, plus a JSON manifest.
 
-A delta holds the full new values (not differences) of every UNet tensor that differs from its base, so
-`apply(base, delta)` reproduces the erased UNet bit for bit. Erasures stack: a delta made on top of an
+A delta holds the full new values (not differences) of every UNet tensor that differs from its base, in the
+base's storage dtype, so `apply(base, delta)` reproduces the erased UNet bit for bit. On disk the tensors are
+one standard safetensors file, gzip-compressed (`gunzip delta.safetensors.gz` gives it back as it was); the
+compression is deterministic, so the same delta always has the same bytes and sha256. Erasures stack: a delta made on top of an
 earlier version is taken against the original base and so carries the earlier changes too; loading any
 version is always base + one delta. The manifest names the base by the sha256 of its UNet weights, and a
 delta is refused on any other base. No pickle anywhere.
@@ -9,6 +11,7 @@ delta is refused on any other base. No pickle anywhere.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import platform
@@ -16,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from esd.errors import first_line
+from safetensors.torch import load as load_bytes, save as save_bytes
 
-FORMAT = "esd-delta/1"
-TENSORS_FILE = "delta.safetensors"
+FORMAT = "esd-delta/2"
+TENSORS_FILE = "delta.safetensors.gz"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -72,9 +76,11 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def diff(base_state: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor], manifest: dict) -> Delta:
-    """The delta from base to new: every tensor whose value changed, stored as its new value."""
-    changed = {k: v.detach().to("cpu").clone().contiguous() for k, v in new_state.items()
+def diff(base_state: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor], manifest: dict,
+         dtype: torch.dtype | None = None) -> Delta:
+    """The delta from base to new: every tensor whose value changed, stored as its new value (in `dtype`, when
+    given: the base's storage dtype, to which the new values must already be rounded)."""
+    changed = {k: v.detach().to("cpu", dtype or v.dtype).clone().contiguous() for k, v in new_state.items()
                if not torch.equal(v.to(base_state[k].dtype).cpu(), base_state[k].cpu())}
     delta = Delta(changed, dict(manifest))
     delta.manifest.update(format=FORMAT, parameters=delta.num_parameters, bytes=delta.num_bytes,
@@ -101,11 +107,11 @@ def apply(unet: torch.nn.Module, delta: Delta, base_sha256: str | None = None) -
 
 
 def save(delta: Delta, folder: str | Path) -> dict[str, Path]:
-    """Write delta.safetensors and manifest.json into folder."""
+    """Write delta.safetensors.gz and manifest.json into folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / TENSORS_FILE
-    save_file(delta.tensors, tensors, metadata={"format": FORMAT})
+    tensors.write_bytes(gzip.compress(save_bytes(delta.tensors, metadata={"format": FORMAT}), 9, mtime=0))
     manifest = folder / MANIFEST_FILE
     manifest.write_text(json.dumps(delta.manifest, indent=2, sort_keys=True))
     return {"tensors": tensors, "manifest": manifest}
@@ -118,7 +124,10 @@ def load(folder: str | Path) -> Delta:
         if not (folder / name).is_file():
             raise DeltaError(f"delta folder {folder} is missing {name}")
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    tensors = load_file(folder / TENSORS_FILE)
+    try:
+        tensors = load_bytes(gzip.decompress((folder / TENSORS_FILE).read_bytes()))
+    except (OSError, EOFError, ValueError, RuntimeError) as exc:
+        raise DeltaError(f"delta tensors in {folder} are unreadable: {first_line(exc)}") from None
     if state_sha256(tensors) != manifest.get("tensors_sha256"):
         raise DeltaError(f"delta tensors in {folder} do not match their manifest checksum")
     return Delta(tensors, manifest)

@@ -20,8 +20,10 @@ Two modes compute the same loss:
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
 from esd import methods
+from esd.models import storage_dtype
 
 MAX_CONCEPT_CHARS = 200
 # The paper's settings for Stable Diffusion 1.4 (ESD-x and ESD-u: 1000 iterations, lr 1e-5, eta 1.0).
@@ -112,13 +115,17 @@ class EraseConfig:
         return self.validate()
 
 
+def base_folder(pipe) -> Path | None:
+    """The local folder a pipeline was loaded from, if any."""
+    folder = str(getattr(pipe, "name_or_path", "") or "")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
 def model_defaults(pipe) -> dict:
     """esd_defaults.json of the pipeline's base folder, if it has one."""
-    import json
-    from pathlib import Path
-
-    path = Path(str(getattr(pipe, "name_or_path", "") or "")) / "esd_defaults.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    folder = base_folder(pipe)
+    path = folder / "esd_defaults.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
 
 
 @torch.no_grad()
@@ -162,6 +169,10 @@ class Eraser:
         self.device = self.unet.device
         self.parent_manifest = parent.manifest if parent is not None else None
         self.base_sha256 = delta_lib.unet_sha256(self.unet)
+        # Trained values are rounded to the dtype the base stores its UNet in, so a delta is no bigger or
+        # finer than the weights it replaces and base + delta is exactly the model that was evaluated.
+        folder = base_folder(pipe)
+        self.storage_dtype = (storage_dtype(folder) if folder else None) or self.unet.dtype
         # Base values of every parameter the new delta may hold: the parent's changes and the trained ones.
         own = self.unet.state_dict()
         self.base_state = {k: own[k].detach().clone() for k in (parent.tensors if parent is not None else {})}
@@ -287,6 +298,9 @@ class Eraser:
             self.frozen = None
         state = self.unet.state_dict()
         keys = set(self.base_state)
+        with torch.no_grad():
+            for k in keys:
+                state[k].copy_(state[k].to(self.storage_dtype))
         this = {"concepts": self.cfg.concepts, "method": self.cfg.method, "anchor": self.cfg.anchor}
         parent = self.parent_manifest or {}
         manifest = {
@@ -295,12 +309,14 @@ class Eraser:
             "concepts": self.cfg.concepts,
             "anchor": self.cfg.anchor,
             "seed": self.cfg.seed,
+            "dtype": str(self.storage_dtype).removeprefix("torch."),
             "hyperparameters": {k: v for k, v in asdict(self.cfg).items() if k != "concepts"},
             "final_loss": losses[-1] if losses else None,
             "erasures": list(parent.get("erasures", [])) + [this],
             "all_concepts": sorted({c for e in list(parent.get("erasures", [])) + [this] for c in e["concepts"]}),
         }
-        return delta_lib.diff({k: self.base_state[k] for k in keys}, {k: state[k] for k in keys}, manifest)
+        return delta_lib.diff({k: self.base_state[k] for k in keys}, {k: state[k] for k in keys}, manifest,
+                              dtype=self.storage_dtype)
 
 
 def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+
+from esd.errors import first_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -42,6 +45,21 @@ def check_folder(path: str | Path) -> Path:
     return root
 
 
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def storage_dtype(path: str | Path, part: str = "unet") -> torch.dtype | None:
+    """The floating dtype a model folder stores PART's weights in (read from the safetensors headers), or None."""
+    counts: dict[str, int] = {}
+    for f in sorted((Path(path) / part).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, info in header.items():
+            if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES:
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    return SAFETENSORS_DTYPES[max(counts, key=counts.get)] if counts else None
+
+
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with a DDIM scheduler, loaded from local files only."""
     root = check_folder(path)
@@ -50,8 +68,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
             root, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model folder {root}: {first}") from None
+        raise ModelError(f"cannot load model folder {root}: {first_line(exc)}") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

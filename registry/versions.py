@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esd import delta as delta_lib
+from esd.errors import first_line
 from esd.models import check_folder
 from registry.store import (FORMAT, VERSION_FILE, WEIGHTS, RegistryError, Store, delete_stored, file_sha256,
                             verify_stored)
@@ -46,7 +47,7 @@ def resolve(store: Store, ref: str):
             return client.get_model_version_by_alias(m["name"], m["alias"])
         return client.get_model_version(m["name"], m["version"])
     except MlflowException as exc:
-        raise RegistryError(f"no model version {ref}: {exc.message.splitlines()[0]}") from None
+        raise RegistryError(f"no model version {ref}: {first_line(exc)}") from None
 
 
 def _tags(mv) -> dict[str, str]:
@@ -171,7 +172,7 @@ def import_base(store: Store, path: str | Path, name: str, description: str = ""
         client.create_registered_model(name, description=description or f"base line {name}")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise RegistryError(f"cannot create registered model {name}: {exc.message.splitlines()[0]}") from None
+            raise RegistryError(f"cannot create registered model {name}: {first_line(exc)}") from None
         if _all_versions(store, name):
             raise RegistryError(f"registered model {name} already exists with versions; a base is version 1 of a new name")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)

@@ -106,8 +106,9 @@ def pg_stack(tmp_path_factory) -> Iterator[Settings]:
         yield settings
 
 
-def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    """A tiny random Stable Diffusion 1.x-shaped diffusers folder (32x32 images), loadable by esd.models."""
+def build_tiny_sd(folder: Path, seed: int = 0, dtype=None) -> Path:
+    """A tiny random Stable Diffusion 1.x-shaped diffusers folder (32x32 images), loadable by esd.models;
+    its weights stored in `dtype` (default float32)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -133,6 +134,8 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
     out = folder / "tiny-sd"
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -1,3 +1,5 @@
+import gzip
+
 import pytest
 import torch
 
@@ -45,13 +47,43 @@ def test_delta_for_another_base_is_refused(tiny_sd, other_tiny_sd):
 def test_tampered_tensors_are_refused(tiny_sd, tmp_path):
     d = erase(load_pipeline(tiny_sd), cfg("circle"), progress=False)
     files = delta_lib.save(d, tmp_path / "d")
-    from safetensors.torch import load_file, save_file
-    tensors = load_file(files["tensors"])
+    from safetensors.torch import load, save
+    tensors = load(gzip.decompress(files["tensors"].read_bytes()))
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 1
-    save_file(tensors, files["tensors"])
+    files["tensors"].write_bytes(gzip.compress(save(tensors)))
     with pytest.raises(delta_lib.DeltaError, match="do not match"):
         delta_lib.load(tmp_path / "d")
+    files["tensors"].write_bytes(files["tensors"].read_bytes()[:-100])
+    with pytest.raises(delta_lib.DeltaError, match="unreadable"):
+        delta_lib.load(tmp_path / "d")
+
+
+def test_the_file_is_a_gzipped_safetensors_with_the_same_bytes_every_time(tiny_sd, tmp_path):
+    d = erase(load_pipeline(tiny_sd), cfg("circle"), progress=False)
+    first = delta_lib.save(d, tmp_path / "a")["tensors"]
+    second = delta_lib.save(d, tmp_path / "b")["tensors"]
+    assert first.read_bytes() == second.read_bytes()
+    from safetensors.torch import load
+    plain = load(gzip.decompress(first.read_bytes()))
+    assert plain.keys() == d.tensors.keys() and all(torch.equal(plain[k], d.tensors[k]) for k in plain)
+
+
+def test_delta_is_kept_in_the_bases_storage_dtype(tiny_sd, tmp_path):
+    from tests.conftest import build_tiny_sd
+
+    half = build_tiny_sd(tmp_path / "half", dtype=torch.float16)
+    erased = load_pipeline(half)                    # computed in float32 from float16 weights
+    d = erase(erased, cfg("circle"), progress=False)
+    assert {t.dtype for t in d.tensors.values()} == {torch.float16} and d.manifest["dtype"] == "float16"
+    assert d.num_bytes == 2 * d.num_parameters
+    # the erased model is exactly base + delta: its trained weights were rounded to the stored dtype
+    fresh = load_pipeline(half)
+    delta_lib.apply(fresh.unet, d)
+    assert_same_unet(fresh.unet, erased.unet)
+    # a float32 base keeps float32 deltas
+    assert {t.dtype for t in erase(load_pipeline(tiny_sd), cfg("circle"), progress=False).tensors.values()} == \
+        {torch.float32}
 
 
 def test_stacked_erasures_carry_the_parents_changes(tiny_sd):

@@ -76,7 +76,7 @@ def test_bytes_changed_after_upload_registers_nothing(base_line, tiny_sd, tmp_pa
         source = f"{self.get_run(run_id).info.artifact_uri}/{artifact_path}"
         sources.append(source)
         bucket, prefix = store.s3_location(source)
-        store.s3().put_object(Bucket=bucket, Key=f"{prefix}/weights/delta.safetensors", Body=b"not the delta")
+        store.s3().put_object(Bucket=bucket, Key=f"{prefix}/weights/{delta_lib.TENSORS_FILE}", Body=b"not the delta")
 
     monkeypatch.setattr(MlflowClient, "log_artifacts", upload_then_corrupt)
     with pytest.raises(registry.RegistryError, match="checksum mismatch in .*delta.safetensors"):

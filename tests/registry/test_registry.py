@@ -37,7 +37,7 @@ def test_versions_tags_lineage_and_queries(line, deltas):
     v2 = store.mlflow().get_model_version(name, "2").tags
     assert v2["esd.concepts"] == '["circle"]' and v2["esd.method"] == "esd-x" and v2["esd.parent_version"] == "1"
     assert v2["esd.request_ids"] == '["req-circle"]'
-    assert v2["esd.delta_sha256"] == delta_lib.file_sha256(deltas["circle"] / "delta.safetensors")
+    assert v2["esd.delta_sha256"] == delta_lib.file_sha256(deltas["circle"] / delta_lib.TENSORS_FILE)
     assert v2["esd.base_sha256"] == store.mlflow().get_model_version(name, "1").tags["esd.base_sha256"]
 
     chain = registry.lineage(store, name, 3)
@@ -49,7 +49,7 @@ def test_versions_tags_lineage_and_queries(line, deltas):
 def test_show_reports_stored_bytes_against_the_unet(line, deltas):
     store, name = line["store"], line["name"]
     base, v3 = registry.show(store, name, 1), registry.show(store, name, 3)
-    delta_bytes = (deltas["vela"] / "delta.safetensors").stat().st_size
+    delta_bytes = (deltas["vela"] / delta_lib.TENSORS_FILE).stat().st_size
     assert base["unet_bytes"] == v3["unet_bytes"] > 0
     assert base["stored_bytes"] > base["unet_bytes"]                # the whole folder
     assert delta_bytes < v3["stored_bytes"] < delta_bytes + 100_000  # the delta + manifest + pyfunc files
@@ -59,7 +59,7 @@ def test_show_reports_stored_bytes_against_the_unet(line, deltas):
     s3 = store.s3()
     bucket, prefix = store.s3_location(v3["source"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
-    assert not [k for k in keys if "/unet/" in k] and any(k.endswith("delta.safetensors") for k in keys)
+    assert not [k for k in keys if "/unet/" in k] and any(k.endswith(delta_lib.TENSORS_FILE) for k in keys)
 
 
 def _expected_pipeline(tiny_sd, delta_dir):
@@ -162,7 +162,7 @@ def test_corrupt_object_refuses_load_and_promote(backend_stack, tiny_sd, tmp_pat
 
     s3 = store.s3()
     bucket, prefix = store.s3_location(registry.show(store, name, 2)["source"])
-    key = f"{prefix}/weights/delta.safetensors"
+    key = f"{prefix}/weights/{delta_lib.TENSORS_FILE}"
     data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[-1] ^= 0xFF
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
