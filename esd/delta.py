@@ -2,7 +2,7 @@
 
 A delta holds the full new values (not differences) of every UNet tensor that differs from its base, in the
 base's storage dtype, so `apply(base, delta)` reproduces the erased UNet bit for bit. On disk the tensors are
-one standard safetensors file, gzip-compressed (`gunzip delta.safetensors.gz` gives it back as it was); the
+one standard safetensors file, gzip-compressed (`gunzip -S .gzip delta.safetensors.gzip` gives it back); the
 compression is deterministic, so the same delta always has the same bytes and sha256. Erasures stack: a delta made on top of an
 earlier version is taken against the original base and so carries the earlier changes too; loading any
 version is always base + one delta. The manifest names the base by the sha256 of its UNet weights, and a
@@ -23,7 +23,9 @@ from esd.errors import first_line
 from safetensors.torch import load as load_bytes, save as save_bytes
 
 FORMAT = "esd-delta/2"
-TENSORS_FILE = "delta.safetensors.gz"
+# Not ".gz": servers label a .gz download Content-Encoding gzip and HTTP clients then unpack it on the way,
+# so the file fetched through MLflow's artifact proxy would not be the file whose sha256 was recorded.
+TENSORS_FILE = "delta.safetensors.gzip"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -107,7 +109,7 @@ def apply(unet: torch.nn.Module, delta: Delta, base_sha256: str | None = None) -
 
 
 def save(delta: Delta, folder: str | Path) -> dict[str, Path]:
-    """Write delta.safetensors.gz and manifest.json into folder."""
+    """Write delta.safetensors.gzip and manifest.json into folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / TENSORS_FILE

@@ -15,6 +15,7 @@ from mlflow.entities import ViewType
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
 import registry
+from esd import delta as delta_lib
 from infra import stack as stack_lib
 from registry.versions import experiment_name
 from tests.registry.deltas import make_delta
