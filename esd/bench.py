@@ -101,7 +101,8 @@ def _rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
-def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 0) -> dict:
+def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 0,
+              sample_steps: int | None = None) -> dict:
     """One measurement, meant for a fresh process: median s/iteration after one warm-up, and peak memory."""
     import resource
     import statistics
@@ -115,7 +116,8 @@ def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 
     pipe = speed_pipe(config).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    eraser = Eraser(pipe, EraseConfig(["Vela Moreau"], method=method, mode=mode, iterations=iterations + 1, seed=seed))
+    eraser = Eraser(pipe, EraseConfig(["Vela Moreau"], method=method, mode=mode, iterations=iterations + 1, seed=seed,
+                                      sample_steps=sample_steps))
     times = []
     for _ in range(iterations + 1):
         t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 
 
 
 def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None = None, log=print,
-          erasure_check: bool = True) -> dict:
+          erasure_check: bool = True, sample_steps: int | None = None) -> dict:
     """Reference and fast on the same UNet config, each in its own process so peak memory is its own."""
     import json
     import subprocess
@@ -151,25 +153,29 @@ def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None 
         for method in methods:
             row = {"config": config, "method": method}
             for mode in ("reference", "fast"):
+                extra = ["--sample-steps", str(sample_steps)] if sample_steps and mode == "fast" else []
                 out = subprocess.run([sys.executable, "-m", "esd.cli", "bench", "speed-run", config, method, mode,
-                                      "--iterations", str(iterations[config])], capture_output=True, text=True)
+                                      "--iterations", str(iterations[config]), *extra], capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"speed run {config}/{method}/{mode} failed: {out.stderr.strip()[-500:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 row[f"{mode}_s_per_it"], row[f"{mode}_peak_bytes"] = r["s_per_it"], r["peak_bytes"]
                 row["device"], row[f"{mode}_precision"] = r["device"], str(r["precision"])
+                if mode == "fast":
+                    row["fast_sample_steps"] = r["sample_steps"]
                 log(f"{config} {method} {mode}: {r['s_per_it']:.3f} s/it, peak {r['peak_bytes'] / 2**20:.0f} MiB")
             row["speedup"] = row["reference_s_per_it"] / row["fast_s_per_it"]
             row["memory_ratio"] = row["fast_peak_bytes"] / row["reference_peak_bytes"]
             runs.append(row)
     result = {"runs": runs, "checkpoint_bytes": checkpoint_bytes}
     if erasure_check:
-        result["erasure"] = same_erasure("Vela Moreau", "esd-x", log)
+        result["erasure"] = same_erasure("Vela Moreau", "esd-x", log, sample_steps)
     return result
 
 
-def same_erasure(concept: str, method: str, log=print) -> dict:
-    """The toy erasure at default settings in both modes, judged: fast should match reference's H score."""
+def same_erasure(concept: str, method: str, log=print, sample_steps: int | None = None) -> dict:
+    """The toy erasure at default settings in both modes (fast with `sample_steps` DDIM jumps when given), judged:
+    fast should match reference's H score."""
     from esd.evaluate import report as report_lib
 
     judge = Judge.load(JUDGE_DIR)
@@ -178,7 +184,10 @@ def same_erasure(concept: str, method: str, log=print) -> dict:
     for mode in ("reference", "fast"):
         pipe = load_pipeline(BASE_DIR)
         t0 = time.time()
-        erase(pipe, EraseConfig([concept], method=method, mode=mode), progress=False)
+        cfg = EraseConfig([concept], method=method, mode=mode, sample_steps=sample_steps if mode == "fast" else None)
+        delta = erase(pipe, cfg, progress=False)
+        if mode == "fast":
+            out["sample_steps"] = delta.manifest["hyperparameters"]["sample_steps"]
         report = report_lib.evaluate(base, pipe, judge, [concept], [], report_lib.EvalConfig(attack=False))
         out[f"{mode}_h_score"], out[f"{mode}_rate"] = report["h_score"], report["per_concept"][concept]["rate"]
         out[f"{mode}_erase_seconds"] = time.time() - t0 - report["eval_seconds"]

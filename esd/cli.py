@@ -161,13 +161,16 @@ def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Pat
 
 @bench_app.command("speed")
 def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: int = 8, mid_iterations: int = 4,
-                configs: str = "toy,mid", erasure: bool = typer.Option(True, help="also erase in both modes (toy)")):
+                configs: str = "toy,mid", erasure: bool = typer.Option(True, help="also erase in both modes (toy)"),
+                sample_steps: Optional[int] = typer.Option(None, help="fast mode's DDIM jumps to x_t (default: the "
+                                                                      "base's, else FAST_SAMPLE_STEPS)")):
     """Reference vs fast ESD loop: median s/iteration, peak memory, ratios; checkpoint bytes per method."""
     from esd.bench import speed
 
     result = speed(configs=[c.strip() for c in configs.split(",")],
                    iterations={"toy": toy_iterations, "mid": mid_iterations},
-                   log=(lambda *a: None) if as_json else console.print, erasure_check=erasure)
+                   log=(lambda *a: None) if as_json else console.print, erasure_check=erasure,
+                   sample_steps=sample_steps)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -182,21 +185,22 @@ def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: i
                               next(iter(result["checkpoint_bytes"]))].keys())
     for config, row in result["checkpoint_bytes"].items():
         sizes.add_row(config, *(f"{v / 2**20:.1f} MiB" for v in row.values()))
-    console.print("checkpoint bytes per method (fp32 delta)")
+    console.print("checkpoint bytes per method (fp32 values, before compression)")
     console.print(sizes)
     e = result.get("erasure")
     if e:
-        console.print(f"toy erasure of {e['concept']!r} ({e['method']}, default settings): H reference "
+        console.print(f"toy erasure of {e['concept']!r} ({e['method']}, fast with {e['sample_steps']} sample steps): "
+                      f"H reference "
                       f"{e['reference_h_score']:.3f} ({e['reference_erase_seconds']:.0f}s), fast {e['fast_h_score']:.3f} "
                       f"({e['fast_erase_seconds']:.0f}s), difference {e['h_difference']:+.3f}")
 
 
 @bench_app.command("speed-run", hidden=True)
-def bench_speed_run(config: str, method: str, mode: str, iterations: int = 4):
+def bench_speed_run(config: str, method: str, mode: str, iterations: int = 4, sample_steps: Optional[int] = None):
     """One speed measurement in this process (used by `esd bench speed`)."""
     from esd.bench import speed_run
 
-    typer.echo(json.dumps(speed_run(config, method, mode, iterations), default=str))
+    typer.echo(json.dumps(speed_run(config, method, mode, iterations, sample_steps=sample_steps), default=str))
 
 
 def main() -> None:

@@ -3,9 +3,10 @@
 A delta holds the full new values (not differences) of every UNet tensor that differs from its base, in the
 base's storage dtype, so `apply(base, delta)` reproduces the erased UNet bit for bit. On disk the tensors are
 one standard safetensors file, gzip-compressed (`gunzip -S .gzip delta.safetensors.gzip` gives it back); the
-compression is deterministic, so the same delta always has the same bytes and sha256. Erasures stack: a delta made on top of an
-earlier version is taken against the original base and so carries the earlier changes too; loading any
-version is always base + one delta. The manifest names the base by the sha256 of its UNet weights, and a
+compression is deterministic, so the same delta always has the same bytes and sha256.
+
+Erasures stack: a delta made on top of an earlier version is taken against the original base and so carries
+the earlier changes too; loading any version is always base + one delta. The manifest names the base by the sha256 of its UNet weights, and a
 delta is refused on any other base. No pickle anywhere.
 """
 

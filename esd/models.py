@@ -17,7 +17,12 @@ os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
 diffusers_logging.set_verbosity_error()
+# Loading a local folder takes a second; the libraries' loading bars would only bury our own progress.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 REQUIRED = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
             "scheduler/scheduler_config.json"]
