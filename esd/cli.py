@@ -163,14 +163,15 @@ def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Pat
 def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: int = 8, mid_iterations: int = 4,
                 configs: str = "toy,mid", erasure: bool = typer.Option(True, help="also erase in both modes (toy)"),
                 sample_steps: Optional[int] = typer.Option(None, help="fast mode's DDIM jumps to x_t (default: the "
-                                                                      "base's, else FAST_SAMPLE_STEPS)")):
+                                                                      "base's, else FAST_SAMPLE_STEPS)"),
+                erasure_seeds: int = typer.Option(3, help="seeds per mode in the erasure check")):
     """Reference vs fast ESD loop: median s/iteration, peak memory, ratios; checkpoint bytes per method."""
     from esd.bench import speed
 
     result = speed(configs=[c.strip() for c in configs.split(",")],
                    iterations={"toy": toy_iterations, "mid": mid_iterations},
                    log=(lambda *a: None) if as_json else console.print, erasure_check=erasure,
-                   sample_steps=sample_steps)
+                   sample_steps=sample_steps, erasure_seeds=erasure_seeds)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -189,10 +190,11 @@ def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: i
     console.print(sizes)
     e = result.get("erasure")
     if e:
-        console.print(f"toy erasure of {e['concept']!r} ({e['method']}, fast with {e['sample_steps']} sample steps): "
-                      f"H reference "
-                      f"{e['reference_h_score']:.3f} ({e['reference_erase_seconds']:.0f}s), fast {e['fast_h_score']:.3f} "
-                      f"({e['fast_erase_seconds']:.0f}s), difference {e['h_difference']:+.3f}")
+        per_seed = {m: ", ".join(f"{h:.3f}" for h in e[f"{m}_h_scores"]) for m in ("reference", "fast")}
+        console.print(f"toy erasure of {e['concept']!r} ({e['method']}, fast with {e['sample_steps']} sample steps, "
+                      f"seeds {e['seeds']}): mean H reference {e['reference_h_score']:.3f} ({per_seed['reference']}; "
+                      f"{e['reference_erase_seconds']:.0f}s), fast {e['fast_h_score']:.3f} ({per_seed['fast']}; "
+                      f"{e['fast_erase_seconds']:.0f}s), difference {e['h_difference']:+.3f}")
 
 
 @bench_app.command("speed-run", hidden=True)
