@@ -6,8 +6,8 @@ one standard safetensors file, gzip-compressed (`gunzip -S .gzip delta.safetenso
 compression is deterministic, so the same delta always has the same bytes and sha256.
 
 Erasures stack: a delta made on top of an earlier version is taken against the original base and so carries
-the earlier changes too; loading any version is always base + one delta. The manifest names the base by the sha256 of its UNet weights, and a
-delta is refused on any other base. No pickle anywhere.
+the earlier changes too; loading any version is always base + one delta. The manifest names the base by the
+sha256 of its UNet weights, and a delta is refused on any other base. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from esd.errors import first_line
 from safetensors.torch import load as load_bytes, save as save_bytes
+
+from esd.errors import first_line
 
 FORMAT = "esd-delta/2"
 # Not ".gz": servers label a .gz download Content-Encoding gzip and HTTP clients then unpack it on the way,

@@ -16,7 +16,6 @@ os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
-
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 diffusers_logging.set_verbosity_error()

@@ -198,10 +198,11 @@ def record_verdict(model: str, version: int, verdict: dict) -> None:
     client.set_model_version_tag(model, str(version), "esd.gate_reasons", json.dumps(verdict["reasons"])[:5000])
 
 
-def promote(model: str, version: int, reason: str, actor_name: str, alias: str = "production") -> dict:
+def promote(model: str, version: int, reason: str, actor_name: str, alias: str = "production",
+            force: bool = False) -> dict:
     from registry import aliases
 
-    return aliases.promote(store(), model, version, reason, actor_name, alias=alias)
+    return aliases.promote(store(), model, int(version), reason, actor_name, alias=alias, force=force)
 
 
 class OperationError(ValueError):
@@ -210,12 +211,11 @@ class OperationError(ValueError):
 
 def operator_promote(model: str, version: int, reason: str, actor_name: str, force: bool = False) -> dict:
     """Promote (the registry refuses a version that failed its gate unless forced); held requests follow."""
-    from registry import aliases
     from registry.versions import resolve
 
     if not reason or not reason.strip():
         raise OperationError("a reason is required")
-    event = aliases.promote(store(), model, int(version), reason, actor_name, force=force)
+    event = promote(model, version, reason, actor_name, force=force)
     tags = resolve(store(), f"{model}/{version}").tags or {}
     for rid in json.loads(tags.get("esd.request_ids", "[]")):
         req = requests().get(rid)
