@@ -203,5 +203,9 @@ def same_erasure(concept: str, method: str, log=print, sample_steps: int | None 
                 f"erase {seconds[-1]:.0f}s")
         out.update({f"{mode}_h_scores": h, f"{mode}_rates": rate, f"{mode}_h_score": statistics.mean(h),
                     f"{mode}_rate": statistics.mean(rate), f"{mode}_erase_seconds": statistics.median(seconds)})
+    # Seeds pair the runs (same concept draws, stop steps and starting noise), so the paired differences
+    # carry less of the seed-to-seed spread than the two means do.
+    pairs = [f - r for f, r in zip(out["fast_h_scores"], out["reference_h_scores"])]
     out["h_difference"] = out["fast_h_score"] - out["reference_h_score"]
+    out["h_difference_stderr"] = statistics.stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else None
     return out

@@ -195,7 +195,8 @@ def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: i
         console.print(f"toy erasure of {e['concept']!r} ({e['method']}, fast with {e['sample_steps']} sample steps, "
                       f"seeds {e['seeds']}): mean H reference {e['reference_h_score']:.3f} ({per_seed['reference']}; "
                       f"{e['reference_erase_seconds']:.0f}s), fast {e['fast_h_score']:.3f} ({per_seed['fast']}; "
-                      f"{e['fast_erase_seconds']:.0f}s), difference {e['h_difference']:+.3f}")
+                      f"{e['fast_erase_seconds']:.0f}s), difference {e['h_difference']:+.3f}"
+                      + (f" (paired standard error {e['h_difference_stderr']:.3f})" if e.get("h_difference_stderr") else ""))
 
 
 @bench_app.command("speed-run", hidden=True)
