@@ -18,7 +18,7 @@ from esd.cli import app, errors_as_one_line, fail
 from infra import stack
 from infra.cli import stack_app
 from infra.settings import Settings
-from registry.cli import base_app, model_app
+from registry.cli import AFTER_PROMOTE, base_app, model_app
 
 console = Console()
 # Prefect reads its API address from the environment: set it before any client exists, so no command ever
@@ -48,6 +48,15 @@ def _deploy(s: Settings) -> None:
 
 
 stack.POST_UP.append(_deploy)
+
+
+def _requests_follow(name: str, version: int) -> None:
+    from flows.ops import requests_follow
+
+    requests_follow(name, version)
+
+
+AFTER_PROMOTE.append(_requests_follow)
 
 
 def _platform_errors() -> tuple[type[BaseException], ...]:

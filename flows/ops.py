@@ -211,17 +211,25 @@ class OperationError(ValueError):
 
 def operator_promote(model: str, version: int, reason: str, actor_name: str, force: bool = False) -> dict:
     """Promote (the registry refuses a version that failed its gate unless forced); held requests follow."""
-    from registry.versions import resolve
-
     if not reason or not reason.strip():
         raise OperationError("a reason is required")
     event = promote(model, version, reason, actor_name, force=force)
+    requests_follow(model, version)
+    return event
+
+
+def requests_follow(model: str, version: int) -> list[str]:
+    """The candidate or held requests a version serves become promoted with it; returns their ids."""
+    from registry.versions import resolve
+
     tags = resolve(store(), f"{model}/{version}").tags or {}
+    moved = []
     for rid in json.loads(tags.get("esd.request_ids", "[]")):
         req = requests().get(rid)
         if req is not None and req.status in ("candidate", "held"):
-            requests().update(rid, "promoted", model_version=version)
-    return event
+            requests().update(rid, "promoted", model_version=int(version))
+            moved.append(rid)
+    return moved
 
 
 def operator_rollback(model: str, reason: str, actor_name: str, to: int | None = None) -> dict:

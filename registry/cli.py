@@ -15,6 +15,9 @@ from esd.cli import errors_as_one_line, fail
 model_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Registered versions, aliases and history.")
 base_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Base models.")
 
+# Run after `esd model promote` moves production: (name, version). The platform adds one that moves the
+# version's held or candidate requests to promoted, as the promote flow does.
+AFTER_PROMOTE: list = []
 ACTOR = typer.Option(None, help="who moves the alias (a name or ticket; default: the local user)")
 AS_JSON = typer.Option(False, "--json", help="print JSON")
 
@@ -132,6 +135,9 @@ def promote(name: str, version: int, reason: str = typer.Option(..., help="why (
     from registry.aliases import promote as promote_version
 
     event = promote_version(_store(), name, version, reason, actor or getpass.getuser(), alias=alias, force=force)
+    if alias == "production":
+        for hook in AFTER_PROMOTE:
+            hook(name, version)
     if as_json:
         return _echo_json(event)
     typer.echo(f"{name} {alias}: {_v(event['from'])} -> {_v(event['to'])}" if event["changed"]

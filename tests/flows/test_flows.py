@@ -154,3 +154,18 @@ def test_retrain_deployment_has_its_schedule(platform):
         dep = client.read_deployment_by_name("retrain/retrain")
     crons = [s.schedule.cron for s in dep.schedules]
     assert crons == [platform.retrain_cron]
+
+
+def test_promote_from_the_command_line_promotes_held_requests(platform):
+    from flows import ops
+    from registry.versions import list_versions
+
+    version = next(v["version"] for v in list_versions(platform.store(), "toy-sd") if "production" in v["aliases"])
+    assert esd("model", "rollback", "toy-sd", "--reason", "review").exit_code == 0
+    # as if its gate had held it: an operator reviews the version and promotes it by hand
+    ops.requests().update("req-vela-1", "held")
+    r = esd("model", "promote", "toy-sd", str(version), "--reason", "reviewed by trust and safety", "--actor", "ops")
+    assert r.exit_code == 0, r.output
+    req = ops.requests().require("req-vela-1")
+    assert req.status == "promoted" and str(req.model_version) == str(version)
+    assert json.loads(esd("model", "history", "toy-sd", "--json").output)[-1]["to"] == version
