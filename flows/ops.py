@@ -218,18 +218,16 @@ def operator_promote(model: str, version: int, reason: str, actor_name: str, for
     return event
 
 
-def requests_follow(model: str, version: int) -> list[str]:
-    """The candidate or held requests a version serves become promoted with it; returns their ids."""
+def requests_follow(model: str, version: int) -> None:
+    """The candidate or held requests a version serves become promoted with it."""
     from registry.versions import resolve
 
     tags = resolve(store(), f"{model}/{version}").tags or {}
-    moved = []
+    reqs = requests()
     for rid in json.loads(tags.get("esd.request_ids", "[]")):
-        req = requests().get(rid)
+        req = reqs.get(rid)
         if req is not None and req.status in ("candidate", "held"):
-            requests().update(rid, "promoted", model_version=int(version))
-            moved.append(rid)
-    return moved
+            reqs.update(rid, "promoted", model_version=int(version))
 
 
 def operator_rollback(model: str, reason: str, actor_name: str, to: int | None = None) -> dict:
