@@ -11,52 +11,162 @@ from esd.models import load_pipeline
 from esd.toy import BASE_DIR, JUDGE_DIR
 from esd.toy.judge import Judge
 
-QUALITY_ERASURES = [("circle", "esd-u"), ("Vela Moreau", "esd-x")]
+STACK_ORDER = ["Vela Moreau", "circle", "Otto Kerr", "triangle", "Theo Brandt"]
+
+
+def concept_kind(concept: str) -> str:
+    """"style" for an artist of the toy world, "object" for a shape."""
+    attr = toy_eval.concept_attribute(concept)
+    if attr is None or attr[0] == "color":
+        raise ValueError(f"{concept!r} is no artist or shape of the toy world")
+    return "style" if attr[0] == "style" else "object"
+
+
+def quality_methods(names: list[str] | None = None) -> list[str]:
+    """The methods a quality run compares: the table's benchmarked rows, "default" for each kind's default."""
+    from esd import methods as methods_lib
+
+    if not names:
+        return [m.name for m in methods_lib.METHODS.values() if m.benchmarked]
+    out: list[str] = []
+    for name in names:
+        picked = sorted(set(methods_lib.DEFAULT_BY_KIND[k] for k in ("style", "object"))) if name == "default" else [name]
+        for m in picked:
+            methods_lib.get(m)
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def quality_concepts(names: list[str] | None = None) -> list[str]:
+    from esd.toy import world
+
+    concepts = names or (world.ARTISTS + world.SHAPES)
+    for c in concepts:
+        concept_kind(c)
+    return concepts
+
+
+def _erase_and_judge(base_dir: Path, judge: Judge, base: toy_eval.Judged, concept: str, method: str,
+                     parent=None, progress: bool = False, **overrides):
+    pipe = load_pipeline(base_dir)
+    t0 = time.time()
+    delta = erase(pipe, EraseConfig([concept], method=method, concept_kind=concept_kind(concept), **overrides),
+                  parent=parent, progress=progress)
+    erase_s = time.time() - t0
+    t0 = time.time()
+    judged = toy_eval.judge_model(pipe, judge)
+    return pipe, delta, judged, erase_s, time.time() - t0
 
 
 def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Path | None = None,
-            erasures=QUALITY_ERASURES, overrides: dict | None = None, progress: bool = True, log=print,
-            stacked: bool = True) -> dict:
-    """Judge the base, run each erasure at default settings, evaluate it (report + per-concept table); then the
-    second erasure stacked on the first, to measure regression."""
-    from esd.evaluate import report as report_lib
+            methods: list[str] | None = None, concepts: list[str] | None = None, attack: bool = True,
+            stacked: bool = True, reference: bool = True, overrides: dict | None = None, progress: bool = True,
+            log=print) -> dict:
+    """The field's protocol on the toy world, on held-out prompts: for each method and concept, erase from the
+    base, judge, and report UA / IRA / CRA (IRA on held-out concepts), the look-alike's rate, the judge's
+    agreement with the pixel probes, the post-attack rate, and the time taken; then a summary per kind and
+    method, a reference-mode ESD-x erasure's time (the speed yardstick of the same run), and five default
+    takedowns stacked on one lineage."""
+    from tqdm.auto import tqdm
 
+    from esd import methods as methods_lib
+    from esd.evaluate import attack as attack_lib
+    from esd.evaluate import report as report_lib
+    from esd.toy import probes
+
+    methods, concepts = quality_methods(methods), quality_concepts(concepts)
     judge = Judge.load(judge_dir)
     t0 = time.time()
     base = toy_eval.judge_model(load_pipeline(base_dir), judge, progress=progress)
+    base_probe = probes.agreement(base.pred, probes.probe(base.images))
     log(f"base judged in {time.time() - t0:.0f}s")
-    result = {"base": toy_eval.base_summary(base), "erasures": []}
-    deltas = {}
-    for concept, method in erasures:
-        pipe = load_pipeline(base_dir)
+    result = {"base": toy_eval.base_summary(base), "base_judge_agreement": base_probe,
+              "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": []}
+    runs = [(m, c) for m in methods for c in concepts]
+    for method, concept in tqdm(runs, desc="quality", disable=not progress):
+        pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, base, concept, method,
+                                                                **(overrides or {}))
+        row = toy_eval.unlearning(judged, concept)
+        agreement = probes.agreement(judged.pred, probes.probe(judged.images))
+        report = report_lib.build_report(base, judged, pipe, judge, [concept], [], report_lib.EvalConfig(attack=False),
+                                         out_dir, time.time())
+        row.update(toy_eval.compare(base, judged, concept))
         t0 = time.time()
-        delta = erase(pipe, EraseConfig([concept], method=method, **(overrides or {})), progress=progress)
-        erase_s = time.time() - t0
-        t0 = time.time()
-        erased = toy_eval.judge_model(pipe, judge, progress=progress)
-        report = report_lib.build_report(base, erased, pipe, judge, [concept], [], report_lib.EvalConfig(),
-                                         out_dir, t0)
-        row = toy_eval.compare(base, erased, concept)
-        row.update(method=method, erase_seconds=erase_s, delta_bytes=delta.num_bytes,
+        attack_rate = attack_lib.recover(pipe, judge, base, concept)["success"] if attack else None
+        row.update(method=method, default=methods_lib.DEFAULT_BY_KIND[row["kind"]] == method,
+                   judge_agreement=sum(agreement.values()) / len(agreement), judge_agreement_heads=agreement,
+                   attack_rate=attack_rate, attack_success=attack_rate, attack_seconds=time.time() - t0,
+                   erase_seconds=erase_s, eval_seconds=eval_s, delta_bytes=delta.num_bytes,
                    hyperparameters=delta.manifest["hyperparameters"],
-                   **{k: report[k] for k in ("efficacy", "preservation", "h_score", "attack_success", "ssim_unrelated",
-                                             "eval_seconds")},
-                   grid=(report.get("grids") or {}).get(concept))
+                   grid=(report.get("grids") or {}).get(concept),
+                   **{k: report[k] for k in ("efficacy", "preservation", "h_score", "ssim_unrelated")})
+        if "lookalike" in row:
+            row["lookalike_drop"] = base.rate(row["head"], row["lookalike"]) - row["lookalike_rate"]
         result["erasures"].append(row)
-        deltas[concept] = delta
-        log(f"{concept} ({method}): erased in {erase_s:.0f}s, evaluated in {report['eval_seconds']:.0f}s")
-    if stacked and len(erasures) >= 2:
-        # Regression: the second erasure stacked on the first; the first concept must stay erased.
-        (first, _), (second, method) = erasures[0], erasures[1]
+        log(f"{concept} ({method}): UA {row['ua']:.1%} IRA {row['ira']:.1%} CRA {row['cra']:.1%} "
+            f"attack {'-' if attack_rate is None else f'{attack_rate:.1%}'}; erased in {erase_s:.1f}s, "
+            f"judged in {eval_s:.0f}s")
+    result["summary"] = summarize(result["erasures"])
+    if reference:
         pipe = load_pipeline(base_dir)
-        erase(pipe, EraseConfig([second], method=method, **(overrides or {})), parent=deltas[first], progress=progress)
         t0 = time.time()
-        report = report_lib.evaluate(base, pipe, judge, [second], [first], report_lib.EvalConfig(attack=False))
-        result["stacked"] = {"concepts": [first, second], "efficacy": report["efficacy"],
-                             "regression": {c: r["rate"] for c, r in report["regression"].items()},
-                             "preservation": report["preservation"], "h_score": report["h_score"],
-                             "eval_seconds": report["eval_seconds"]}
+        erase(pipe, EraseConfig(["Vela Moreau"], method="esd-x", mode="reference", concept_kind="style"),
+              progress=progress)
+        result["reference_erase_seconds"] = time.time() - t0
+        log(f"reference-mode esd-x erasure of Vela Moreau: {result['reference_erase_seconds']:.0f}s")
+    if stacked:
+        result["stacked"] = stack(base_dir, judge, base, STACK_ORDER, progress, log)
     return result
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per kind and method: each figure averaged over the concepts, with its pooled standard error."""
+    out = []
+    for kind in ("style", "object"):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            group = [r for r in rows if r["kind"] == kind and r["method"] == method]
+            if not group:
+                continue
+            row = {"kind": kind, "method": method, "default": group[0]["default"], "concepts": len(group)}
+            for key in ("ua", "ira", "cra"):
+                row[key], row[f"{key}_se"] = toy_eval.pooled(group, key)
+            for key in ("attack_rate", "erase_seconds", "eval_seconds", "judge_agreement", "lookalike_drop"):
+                values = [r[key] for r in group if r.get(key) is not None]
+                row[key] = sum(values) / len(values) if values else None
+            drops = [r["lookalike_drop"] for r in group if r.get("lookalike_drop") is not None]
+            row["worst_lookalike_drop"] = max(drops) if drops else None
+            out.append(row)
+    return out
+
+
+def stack(base_dir: Path, judge: Judge, base: toy_eval.Judged, order: list[str], progress: bool, log) -> dict:
+    """Takedowns in a row on one lineage, each with its kind's default method; then every erased concept's UA and
+    the untouched concepts' IRA and CRA."""
+    from esd import methods as methods_lib
+
+    parent = None
+    for concept in order:
+        method = methods_lib.DEFAULT_BY_KIND[concept_kind(concept)]
+        pipe, parent, judged, erase_s, _ = _erase_and_judge(base_dir, judge, base, concept, method, parent, progress)
+        log(f"stacked {concept} ({method}) in {erase_s:.1f}s")
+    out = {"order": order, "erased": {}, "untouched": {}}
+    for concept in order:
+        r = toy_eval.unlearning(judged, concept)
+        out["erased"][concept] = {"ua": r["ua"], "ira": r["ira"], "cra": r["cra"]}
+    erased = {toy_eval.concept_attribute(c) for c in order}
+    keep = [i for i in range(len(judged.prompts)) if not any(judged.truth[h][i] == c for h, c in erased)]
+    for head in ("style", "shape"):
+        for cls in sorted({judged.truth[head][i] for i in keep}):
+            idx = [i for i in keep if judged.truth[head][i] == cls]
+            own = sum(judged.pred[head][i] == cls for i in idx) / len(idx)
+            other = [judged.pred[h][i] == judged.truth[h][i] for h in ("style", "shape", "color") if h != head
+                     for i in idx]
+            out["untouched"][cls] = {"ira": own, "cra": sum(other) / len(other)}
+    out["min_erased_ua"] = min(v["ua"] for v in out["erased"].values())
+    out["min_untouched_ira"] = min(v["ira"] for v in out["untouched"].values())
+    out["min_untouched_cra"] = min(v["cra"] for v in out["untouched"].values())
+    return out
 
 
 # ---- speed: reference vs fast ESD loop ----------------------------------------------------------------------

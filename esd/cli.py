@@ -61,21 +61,22 @@ one_line_errors = errors_as_one_line()
 @one_line_errors
 def methods_cmd(base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
                 as_json: bool = typer.Option(False, "--json")):
-    """List erasure methods and how many UNet parameters each trains on a base."""
+    """List erasure methods and how many UNet parameters each changes on a base."""
     from esd import methods
     from esd.models import load_pipeline
     from esd.toy import BASE_DIR
 
     unet = load_pipeline(base or BASE_DIR).unet
     total = sum(p.numel() for p in unet.parameters())
-    rows = [{"method": m.name, "parameters": methods.count(unet, m.name), "share": methods.count(unet, m.name) / total,
-             "description": m.description} for m in methods.METHODS.values()]
+    rows = [{"method": m.name, "kind": m.kind, "parameters": methods.count(unet, m.name),
+             "share": methods.count(unet, m.name) / total, "description": m.description}
+            for m in methods.METHODS.values()]
     if as_json:
         typer.echo(json.dumps({"unet_parameters": total, "methods": rows}))
         return
-    table = Table("method", "parameters", "share", "trains")
+    table = Table("method", "kind", "parameters", "share", "changes")
     for r in rows:
-        table.add_row(r["method"], f"{r['parameters']:,}", f"{r['share']:.1%}", r["description"])
+        table.add_row(r["method"], r["kind"], f"{r['parameters']:,}", f"{r['share']:.1%}", r["description"])
     console.print(table)
 
 
@@ -104,7 +105,13 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
               eta: Optional[float] = typer.Option(None, help="negative guidance (paper: 1.0; the base may set its own)"),
               ddim_steps: int = 50, guidance: float = 3.0, seed: int = 0, anchor: Optional[str] = None,
               mode: str = "fast", sample_steps: Optional[int] = typer.Option(None, help="fast: DDIM jumps to x_t"),
-              precision: str = "auto", gradient_checkpointing: bool = False, base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
+              precision: str = "auto", gradient_checkpointing: bool = False,
+              template: Optional[list[str]] = typer.Option(None, help="closed-form: a prompt with {concept}; repeat"),
+              preserve: Optional[list[str]] = typer.Option(None, help="closed-form: a concept to keep; repeat"),
+              guide: Optional[str] = typer.Option(None, help="closed-form: what the concept maps onto (default: nothing)"),
+              erase_scale: Optional[float] = None, preserve_scale: Optional[float] = None,
+              lamb: Optional[float] = None, push: Optional[float] = None, rounds: Optional[int] = None,
+              base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
               out: Path = typer.Option(..., help="folder for delta.safetensors + manifest.json")):
     """Erase concepts from a base model and write the delta checkpoint."""
     from esd import delta as delta_lib
@@ -114,7 +121,9 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
 
     cfg = EraseConfig(list(concepts), method=method, iterations=iterations, lr=lr, eta=eta, ddim_steps=ddim_steps,
                       guidance=guidance, seed=seed, anchor=anchor, mode=mode, sample_steps=sample_steps,
-                      precision=precision, gradient_checkpointing=gradient_checkpointing).validate()
+                      precision=precision, gradient_checkpointing=gradient_checkpointing, templates=template or None,
+                      preserve=preserve or None, guide=guide, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                      lamb=lamb, push=push, rounds=rounds).validate()
     pipe = load_pipeline(base or BASE_DIR)
     d = erase(pipe, cfg)
     files = delta_lib.save(d, out)
@@ -123,41 +132,70 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
 
 @bench_app.command("quality")
 @one_line_errors
-def bench_quality(as_json: bool = typer.Option(False, "--json"), out: Path = Path(".esd/bench")):
-    """Erase "circle" (esd-u) and "Vela Moreau" (esd-x) from the toy base; judged rates before and after."""
+def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                  methods: Optional[str] = typer.Option(None, help="comma-separated methods; \"default\": each "
+                                                                  "kind's default; none given: every benchmarked method"),
+                  concepts: Optional[str] = typer.Option(None, help="comma-separated artists and shapes (default: all)"),
+                  attack: bool = typer.Option(True, help="run the recovery attack on every erasure"),
+                  stacked: bool = typer.Option(True, help="five default takedowns stacked on one lineage"),
+                  reference: bool = typer.Option(True, help="time one reference-mode esd-x erasure"),
+                  out: Optional[Path] = typer.Option(None, help="before/after grids (default: ESD_HOME/bench)")):
+    """The field's protocol on the toy world (held-out prompts): UA, IRA, CRA, attack, time; a table per kind."""
     from esd.bench import quality
 
-    result = quality(out_dir=out, progress=not as_json, log=(lambda *a: None) if as_json else console.print)
+    def split(text):
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    out = out or Path(os.environ.get("ESD_HOME", ".esd")) / "bench"
+    try:
+        result = quality(out_dir=out, methods=split(methods), concepts=split(concepts), attack=attack, stacked=stacked,
+                         reference=reference, progress=not as_json,
+                         log=(lambda *a: None) if as_json else console.print)
+    except ValueError as exc:
+        fail(first_line(exc))
     if as_json:
-        keep = ("concept", "method", "target_base", "target_erased", "max_other_drop", "worst_other",
-                "efficacy", "preservation", "h_score", "attack_success", "ssim_unrelated", "erase_seconds",
-                "eval_seconds", "delta_bytes")
-        typer.echo(json.dumps({"base": result["base"], "erasures": [{k: e[k] for k in keep} for e in result["erasures"]],
-                               "stacked": result.get("stacked")}))
+        typer.echo(json.dumps(result, default=str))
         return
     b = result["base"]
-    console.print(f"base model, judged on its own generations: shape {b['shape']:.1%}  color {b['color']:.1%}  "
-                  f"style {b['style']:.1%}")
-    table = Table("concept", "method", "measure", "base", "erased", "change")
+    console.print(f"base model on its own generations (held-out prompts): shape {b['shape']:.1%}  color "
+                  f"{b['color']:.1%}  style {b['style']:.1%}; judge/probe agreement "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in result["base_judge_agreement"].items()))
+    rows = Table("concept", "method", "UA", "IRA held-out", "IRA all", "CRA", "look-alike drop", "attack",
+                 "judge~probe", "worst drop", "erase s", "eval s")
     for e in result["erasures"]:
-        table.add_row(e["concept"], e["method"], "target (judged as concept)", f"{e['target_base']:.1%}",
-                      f"{e['target_erased']:.1%}", f"{e['target_erased'] - e['target_base']:+.1%}")
-        for k, v in e["others"].items():
-            table.add_row("", "", k, f"{v['base']:.1%}", f"{v['erased']:.1%}", f"{v['erased'] - v['base']:+.1%}")
-        table.add_row("", "", "max drop elsewhere", "", e["worst_other"], f"{-e['max_other_drop']:+.1%}",
-                      end_section=True)
-    console.print(table)
-    summary = Table("concept", "method", "efficacy", "preservation", "SSIM unrelated", "H", "attack success",
-                    "erase s", "eval s", "grid")
-    for e in result["erasures"]:
-        summary.add_row(e["concept"], e["method"], f"{e['efficacy']:.3f}", f"{e['preservation']:.3f}",
-                        f"{e['ssim_unrelated']:.3f}", f"{e['h_score']:.3f}", f"{e['attack_success']:.3f}",
-                        f"{e['erase_seconds']:.0f}", f"{e['eval_seconds']:.0f}", str(e.get("grid")))
-    console.print(summary)
+        rows.add_row(e["concept"], e["method"], f"{e['ua']:.1%}", f"{e['ira']:.1%}", f"{e['ira_all']:.1%}",
+                     f"{e['cra']:.1%}", "-" if e.get("lookalike_drop") is None else f"{e['lookalike_drop']:+.1%}",
+                     "-" if e["attack_rate"] is None else f"{e['attack_rate']:.1%}", f"{e['judge_agreement']:.1%}",
+                     f"{e['worst_other']} {-e['max_other_drop']:+.1%}", f"{e['erase_seconds']:.1f}",
+                     f"{e['eval_seconds']:.0f}")
+    console.print(rows)
+    for kind in ("style", "object"):
+        table = Table("method", "UA", "IRA (held-out)", "CRA", "attack", "look-alike drop (worst)", "erase s",
+                      "concepts", title=f"{kind}: mean over concepts, +- standard error")
+        for r in (r for r in result["summary"] if r["kind"] == kind):
+            table.add_row(r["method"] + (" (default)" if r["default"] else ""),
+                          f"{r['ua']:.1%} +- {r['ua_se']:.1%}", f"{r['ira']:.1%} +- {r['ira_se']:.1%}",
+                          f"{r['cra']:.1%} +- {r['cra_se']:.1%}",
+                          "-" if r["attack_rate"] is None else f"{r['attack_rate']:.1%}",
+                          "-" if r["worst_lookalike_drop"] is None else f"{r['worst_lookalike_drop']:+.1%}",
+                          f"{r['erase_seconds']:.1f}", str(r["concepts"]))
+        for name, row in UNLEARNCANVAS.items():
+            table.add_row(f"UnlearnCanvas {name} (SD 1.5)", *(f"{v:.2f}%" for v in row[kind]), "", "", f"{row['time']}", "")
+        console.print(table)
+    if "reference_erase_seconds" in result:
+        console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")
     st = result.get("stacked")
     if st:
-        console.print(f"stacked {' then '.join(st['concepts'])}: efficacy {st['efficacy']:.3f}, regression (rate of "
-                      f"earlier concepts) {st['regression']}, preservation {st['preservation']:.3f}, H {st['h_score']:.3f}")
+        console.print(f"stacked {' then '.join(st['order'])}: lowest erased UA {st['min_erased_ua']:.1%}, lowest "
+                      f"untouched IRA {st['min_untouched_ira']:.1%}, CRA {st['min_untouched_cra']:.1%}")
+
+
+# Published rows (UnlearnCanvas, Zhang et al. 2024, SD 1.5, 60 styles x 20 objects): UA, IRA, CRA in %, time in s.
+UNLEARNCANVAS = {
+    "ESD": {"style": (98.58, 80.97, 93.96), "object": (92.15, 55.78, 44.23), "time": 6163},
+    "UCE": {"style": (98.40, 60.22, 47.71), "object": (94.31, 39.35, 34.67), "time": 434},
+    "SalUn": {"style": (86.26, 90.39, 95.08), "object": (86.91, 96.35, 99.59), "time": 667},
+}
 
 
 @bench_app.command("speed")

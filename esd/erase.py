@@ -40,6 +40,16 @@ MAX_CONCEPT_CHARS = 200
 # A base folder may carry its own tuned defaults per method in esd_defaults.json (the toy's do): the
 # right learning rate and strength depend on the model's scale, measured on the whole judged table.
 PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0}
+# Closed-form methods (esd/uce.py): UCE's published settings (erase_scale 1, preserve_scale 1, lamb 0.5), no push
+# away from the concept, no hardening rounds, and RECE's regulariser (0.1) for the recovered embeddings.
+CLOSED_FORM_DEFAULTS = {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "push": 0.0, "rounds": 0,
+                        "robust_reg": 0.1}
+# Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
+ESD_ONLY = ("iterations", "lr", "eta", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
+            "gradient_checkpointing")
+CLOSED_FORM_ONLY = ("templates", "guide", "preserve", "erase_scale", "preserve_scale", "lamb", "push", "rounds",
+                    "robust_reg")
+MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS = 64, 512, 10
 # Fast mode reaches x_t in at most this many DDIM jumps instead of up to 50 steps (the sampling is ~85% of the
 # reference loop's cost); its effect on erasure is measured by `esd bench speed` (reference vs fast H score).
 FAST_SAMPLE_STEPS = 10
@@ -60,6 +70,10 @@ def validate_concept(text: str, what: str = "concept") -> str:
     return text.strip()
 
 
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
 @dataclass
 class EraseConfig:
     concepts: list[str]
@@ -75,6 +89,22 @@ class EraseConfig:
     sample_steps: int | None = None   # fast only: at most this many DDIM jumps to reach x_t (None: every step)
     precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": where it pays
     gradient_checkpointing: bool = False
+    # Closed-form methods only (uce, uce-robust); None: the base's default for the method, else CLOSED_FORM_DEFAULTS
+    concept_kind: str | None = None      # the request's kind (style, object, ...): picks per-kind defaults
+    templates: list | None = None        # prompts containing "{concept}", or [prompt, guide prompt] pairs
+                                         # (None: the concept alone)
+    guide: str | None = None             # what the concept maps onto (the anchor, if given; else "": removed)
+    preserve: list[str] | None = None    # concepts whose keys and values must not move
+    erase_scale: float | None = None
+    preserve_scale: float | None = None
+    lamb: float | None = None            # how strongly the weights stay where they were
+    push: float | None = None            # 0: map onto the guide; > 0: past it, away from the concept
+    rounds: int | None = None            # hardening rounds against recovered embeddings (uce-robust: 2)
+    robust_reg: float | None = None      # regulariser of the recovered embedding
+
+    @property
+    def kind(self) -> str:
+        return methods.get(self.method).kind
 
     def validate(self) -> "EraseConfig":
         if not self.concepts:
@@ -83,6 +113,7 @@ class EraseConfig:
         if self.anchor is not None:
             self.anchor = validate_concept(self.anchor, "anchor")
         methods.get(self.method)
+        self._validate_closed_form()
         for name in ("iterations", "ddim_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -102,17 +133,85 @@ class EraseConfig:
         return self
 
     def resolve(self, model_defaults: dict | None = None) -> "EraseConfig":
-        """Fill what was left unset: the base's defaults for this method, then the paper's."""
+        """Fill what was left unset: the base's defaults for this method, then the method's own, then the paper's."""
         self.validate()
+        method = methods.get(self.method)
         own = dict((model_defaults or {}).get("*", {})) | dict((model_defaults or {}).get(self.method, {}))
-        for name, value in (PAPER_DEFAULTS | own).items():
-            if getattr(self, name, None) is None and name in self.__dataclass_fields__:
+        # A default may be given per request kind: {"style": ..., "object": ..., "*": ...}
+        own = {k: (v.get(self.concept_kind, v.get("*")) if isinstance(v, dict) else v) for k, v in own.items()}
+        own = {k: v for k, v in own.items() if v is not None}
+        if method.kind == "closed-form":
+            if self.preserve is None and own.get("preserve"):
+                # a default preservation set never holds the concept being erased
+                erased = {_normal(c) for c in self.concepts}
+                own["preserve"] = [p for p in own["preserve"] if _normal(p) not in erased]
+            for name, value in (CLOSED_FORM_DEFAULTS | method.defaults | own).items():
+                if getattr(self, name, None) is None and name in CLOSED_FORM_ONLY:
+                    setattr(self, name, value)
+            self.guide = self.anchor if self.anchor is not None else (self.guide or "")
+            return self.validate()
+        for name, value in (PAPER_DEFAULTS | method.defaults | own).items():
+            if getattr(self, name, None) is None and name in self.__dataclass_fields__ and name not in CLOSED_FORM_ONLY:
                 setattr(self, name, value)
         if self.mode == "reference":
             self.sample_steps = None   # the paper's loop samples x_t with every DDIM step
         elif self.sample_steps is None:
             self.sample_steps = FAST_SAMPLE_STEPS
         return self.validate()
+
+    def _validate_closed_form(self) -> None:
+        if self.kind != "closed-form":
+            for name in CLOSED_FORM_ONLY:
+                if getattr(self, name) is not None:
+                    raise EraseError(f"{name} applies to closed-form methods "
+                                     f"({', '.join(n for n, m in methods.METHODS.items() if m.kind == 'closed-form')}),"
+                                     f" not {self.method}")
+            return
+        if self.templates is not None:
+            if isinstance(self.templates, str) or not self.templates:
+                raise EraseError("templates must be a non-empty list of prompts containing {concept}")
+            if len(self.templates) > MAX_TEMPLATES:
+                raise EraseError(f"{len(self.templates)} templates; the limit is {MAX_TEMPLATES}")
+            for i, t in enumerate(self.templates):
+                pair = [t] if isinstance(t, str) else list(t) if isinstance(t, (list, tuple)) else []
+                if len(pair) not in (1, 2) or not all(isinstance(x, str) for x in pair):
+                    raise EraseError(f"template {t!r} is neither a prompt nor a [prompt, guide prompt] pair")
+                pair = [validate_concept(x, "template") for x in pair]
+                if "{concept}" not in pair[0]:
+                    raise EraseError(f"template {pair[0]!r} does not contain {{concept}}")
+                self.templates[i] = pair[0] if len(pair) == 1 else pair
+        if self.guide is not None:
+            if not isinstance(self.guide, str):
+                raise EraseError(f"guide must be text, got {self.guide!r}")
+            self.guide = validate_concept(self.guide, "guide") if self.guide.strip() else ""
+            if self.anchor is not None and self.guide != self.anchor:
+                raise EraseError(f"anchor {self.anchor!r} and guide {self.guide!r} differ; give one of them")
+        if self.preserve is not None:
+            if isinstance(self.preserve, str):
+                raise EraseError("preserve must be a list of concepts")
+            if len(self.preserve) > MAX_PRESERVE:
+                raise EraseError(f"{len(self.preserve)} preserve concepts; the limit is {MAX_PRESERVE}")
+            self.preserve = [validate_concept(p, "preserve concept") for p in self.preserve]
+            erased = {_normal(c) for c in self.concepts}
+            for p in self.preserve:
+                if _normal(p) in erased:
+                    raise EraseError(f"preserve contains {p!r}, a concept being erased")
+        for name in ("erase_scale", "preserve_scale", "push"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise EraseError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("lamb", "robust_reg"):   # > 0: each keeps its solve's matrix invertible
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise EraseError(f"{name} must be a finite number > 0, got {value}")
+        if self.rounds is not None and (not isinstance(self.rounds, int) or isinstance(self.rounds, bool)
+                                        or not 0 <= self.rounds <= MAX_ROUNDS):
+            raise EraseError(f"rounds must be an integer from 0 to {MAX_ROUNDS}, got {self.rounds}")
+
+    def used(self) -> dict:
+        """The settings this run's method uses (the manifest's hyperparameters)."""
+        skip = {"concepts"} | set(CLOSED_FORM_ONLY if self.kind != "closed-form" else ESD_ONLY)
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def base_folder(pipe) -> Path | None:
@@ -155,6 +254,49 @@ def _bf16_pays(unet: torch.nn.Module) -> bool:
         return False
 
 
+def delta_dtype(pipe) -> torch.dtype:
+    """The dtype changed values are rounded to: the one the base stores its UNet in, so a delta is no bigger or
+    finer than the weights it replaces and base + delta is exactly the model that was evaluated."""
+    folder = base_folder(pipe)
+    return (storage_dtype(folder) if folder else None) or pipe.unet.dtype
+
+
+def start_from(unet: torch.nn.Module, parent: delta_lib.Delta | None) -> tuple[str, dict[str, torch.Tensor]]:
+    """Apply the parent delta in place; returns the base's sha256 and the base values of the parent's tensors."""
+    base_sha256 = delta_lib.unet_sha256(unet)
+    own = unet.state_dict()
+    base_state = {k: own[k].detach().clone() for k in (parent.tensors if parent is not None else {})}
+    if parent is not None:
+        delta_lib.apply(unet, parent, base_sha256)
+    return base_sha256, base_state
+
+
+def finish_delta(unet: torch.nn.Module, cfg: EraseConfig, base_sha256: str, base_state: dict[str, torch.Tensor],
+                 dtype: torch.dtype, parent_manifest: dict | None, final_loss: float | None) -> delta_lib.Delta:
+    """Round the UNet's tensors named in base_state to dtype, in place, and diff them against the base, with the
+    manifest every method writes."""
+    state = unet.state_dict()
+    keys = set(base_state)
+    with torch.no_grad():
+        for k in keys:
+            state[k].copy_(state[k].to(dtype))
+    this = {"concepts": cfg.concepts, "method": cfg.method, "anchor": cfg.anchor}
+    earlier = list((parent_manifest or {}).get("erasures", []))
+    manifest = {
+        "base_sha256": base_sha256,
+        "method": cfg.method,
+        "concepts": cfg.concepts,
+        "anchor": cfg.anchor,
+        "seed": cfg.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "hyperparameters": cfg.used(),
+        "final_loss": final_loss,
+        "erasures": earlier + [this],
+        "all_concepts": sorted({c for e in earlier + [this] for c in e["concepts"]}),
+    }
+    return delta_lib.diff({k: base_state[k] for k in keys}, {k: state[k] for k in keys}, manifest, dtype=dtype)
+
+
 def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eta: float, eps_a: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 7: the frozen prediction (unconditional, or the anchor's) guided away from the concept."""
     return (eps_0 if eps_a is None else eps_a) - eta * (eps_c - eps_0)
@@ -164,20 +306,16 @@ class Eraser:
     """One ESD run over a pipeline's UNet, trained in place. `run()` returns the Delta against the base."""
 
     def __init__(self, pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None):
+        if methods.get(cfg.method).kind != "esd":
+            raise EraseError(f"{cfg.method} is a closed-form method, not trained by the ESD loop; use erase()")
         self.pipe, self.cfg = pipe, cfg.resolve(model_defaults(pipe))
         self.unet = pipe.unet
         self.device = self.unet.device
         self.parent_manifest = parent.manifest if parent is not None else None
-        self.base_sha256 = delta_lib.unet_sha256(self.unet)
-        # Trained values are rounded to the dtype the base stores its UNet in, so a delta is no bigger or
-        # finer than the weights it replaces and base + delta is exactly the model that was evaluated.
-        folder = base_folder(pipe)
-        self.storage_dtype = (storage_dtype(folder) if folder else None) or self.unet.dtype
+        # Trained values are rounded to the base's storage dtype (see delta_dtype).
+        self.storage_dtype = delta_dtype(pipe)
         # Base values of every parameter the new delta may hold: the parent's changes and the trained ones.
-        own = self.unet.state_dict()
-        self.base_state = {k: own[k].detach().clone() for k in (parent.tensors if parent is not None else {})}
-        if parent is not None:
-            delta_lib.apply(self.unet, parent, self.base_sha256)
+        self.base_sha256, self.base_state = start_from(self.unet, parent)
         self.params = methods.select(self.unet, cfg.method)
         # Values the frozen model sees for the trained parameters; the base's for the rest of the diff.
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
@@ -296,27 +434,8 @@ class Eraser:
         if self.frozen is not None:
             self.unet.set_default_attn_processor()
             self.frozen = None
-        state = self.unet.state_dict()
-        keys = set(self.base_state)
-        with torch.no_grad():
-            for k in keys:
-                state[k].copy_(state[k].to(self.storage_dtype))
-        this = {"concepts": self.cfg.concepts, "method": self.cfg.method, "anchor": self.cfg.anchor}
-        parent = self.parent_manifest or {}
-        manifest = {
-            "base_sha256": self.base_sha256,
-            "method": self.cfg.method,
-            "concepts": self.cfg.concepts,
-            "anchor": self.cfg.anchor,
-            "seed": self.cfg.seed,
-            "dtype": str(self.storage_dtype).removeprefix("torch."),
-            "hyperparameters": {k: v for k, v in asdict(self.cfg).items() if k != "concepts"},
-            "final_loss": losses[-1] if losses else None,
-            "erasures": list(parent.get("erasures", [])) + [this],
-            "all_concepts": sorted({c for e in list(parent.get("erasures", [])) + [this] for c in e["concepts"]}),
-        }
-        return delta_lib.diff({k: self.base_state[k] for k in keys}, {k: state[k] for k in keys}, manifest,
-                              dtype=self.storage_dtype)
+        return finish_delta(self.unet, self.cfg, self.base_sha256, self.base_state, self.storage_dtype,
+                            self.parent_manifest, losses[-1] if losses else None)
 
 
 def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,
@@ -324,6 +443,10 @@ def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progres
     """Erase cfg.concepts from the base pipeline's UNet, in place, and return the delta against that base.
 
     With a parent delta (an earlier version), the parent is applied first and the new delta, still taken
-    against the base, carries the parent's changes too.
+    against the base, carries the parent's changes too. Closed-form methods (uce, uce-robust) run esd/uce.py.
     """
+    if methods.get(cfg.method).kind == "closed-form":
+        from esd import uce
+
+        return uce.edit(pipe, cfg, parent, progress, callback)
     return Eraser(pipe, cfg, parent).run(progress, callback)

@@ -1,12 +1,14 @@
-"""Which UNet parameters each erasure method trains: one table (Gandikota et al. 2023, Sec. 4).
+"""Which UNet parameters each erasure method changes, and how: one table (Gandikota et al. 2023, Sec. 4).
 
 Cross-attention only (ESD-x) ties the erasure to the prompt's words, right for artist styles; everything
-but cross-attention (ESD-u) erases the concept globally, right for nudity and objects.
+but cross-attention (ESD-u) erases the concept globally, right for nudity and objects. Closed-form methods
+(UCE, and UCE hardened RECE-style) solve for new cross-attention key/value projections instead of training
+(esd/uce.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,20 +19,35 @@ class Method:
     name: str
     description: str
     selects: Callable[[str], bool]
+    kind: str = "esd"                 # "esd": trained by the ESD loop (esd/erase.py); "closed-form": esd/uce.py
+    defaults: dict = field(default_factory=dict, compare=False)   # the method's own defaults, under the base's
+    benchmarked: bool = False         # compared by `esd bench quality` when no --methods is given
 
 
 def _xattn(n: str) -> bool:
     return ".attn2." in n
 
 
+def _xattn_kv(n: str) -> bool:
+    return ".attn2.to_k." in n or ".attn2.to_v." in n
+
+
+def _xattn_kv_weights(n: str) -> bool:
+    return _xattn_kv(n) and n.endswith(".weight")
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("esd-x", "cross-attention (attn2): erasure tied to the prompt's words; for styles", _xattn),
-    Method("esd-x-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)",
-           lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n),
+    Method("esd-x", "cross-attention (attn2): erasure tied to the prompt's words; for styles", _xattn,
+           benchmarked=True),
+    Method("esd-x-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)", _xattn_kv),
     Method("esd-u", "everything but cross-attention and the time embedding: global erasure; for objects, nudity",
-           lambda n: not _xattn(n) and not n.startswith("time_embedding.")),
+           lambda n: not _xattn(n) and not n.startswith("time_embedding."), benchmarked=True),
     Method("esd-all", "every UNet parameter", lambda n: True),
     Method("selfattn", "self-attention (attn1)", lambda n: ".attn1." in n),
+    Method("uce", "closed form: cross-attention key/value weights map the concept onto a guide (UCE)",
+           _xattn_kv_weights, kind="closed-form", benchmarked=True),
+    Method("uce-robust", "UCE re-solved against the embeddings that still recover the concept (RECE)",
+           _xattn_kv_weights, kind="closed-form", defaults={"rounds": 2}, benchmarked=True),
 ]}
 
 DEFAULT_BY_KIND = {"style": "esd-x", "object": "esd-u", "nudity": "esd-u", "custom": "esd-u"}

@@ -261,11 +261,12 @@ def active_requests(model: str, statuses: tuple[str, ...]) -> list[dict]:
     return [vars(r) for r in requests().list() if r.model == model and r.status in statuses]
 
 
-def group_by_method(active: list[dict]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
+def group_by_method(active: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """Concepts per (method, kind): one erasure each, since a method's defaults may depend on the kind."""
+    groups: dict[tuple[str, str], list[str]] = {}
     for r in sorted(active, key=lambda r: r["request_id"]):
-        if r["concept"] not in groups.setdefault(r["method"], []):
-            groups[r["method"]].append(r["concept"])
+        if r["concept"] not in groups.setdefault((r["method"], r["kind"]), []):
+            groups[(r["method"], r["kind"])].append(r["concept"])
     return groups
 
 

@@ -21,10 +21,11 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     ids = sorted(r["request_id"] for r in active)
     base = ops.base_version_number(model)
     key = "retrain-" + ops.digest(ids)
-    # One erasure per method (styles with esd-x, objects and nudity with esd-u), each stacked on the last.
+    # One erasure per method and kind (each kind's default method unless a request chose), each stacked on the last.
     delta_dir, erased = None, []
-    for method, concepts in ops.group_by_method(active).items():
-        delta_dir = erase_concepts(f"{key}-{method}", model, base, concepts, method, ids, overrides or {}, delta_dir)
+    for (method, kind), concepts in ops.group_by_method(active).items():
+        delta_dir = erase_concepts(f"{key}-{method}-{kind}", model, base, concepts, method, ids,
+                                   {"concept_kind": kind} | (overrides or {}), delta_dir)
         erased += concepts
     report = evaluate_candidate(key, model, delta_dir, erased, [], ops.kind_of(active))
     version = register_candidate(model, delta_dir, ids, report, None)

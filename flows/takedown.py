@@ -18,7 +18,7 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
         parent = resolve_parent(req["model"])
         key = f"takedown-{request_id}"
         delta_dir = erase_concepts(key, req["model"], parent["version"], [req["concept"]], req["method"],
-                                   [request_id], overrides or {})
+                                   [request_id], {"concept_kind": req["kind"]} | (overrides or {}))
         report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
         version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
         verdict = apply_gate(report, req["kind"], req["model"], version)

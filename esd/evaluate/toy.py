@@ -1,4 +1,7 @@
-"""Judged rates on the toy world: every shape x color x style prompt, in every template, over fixed seeds.
+"""Judged rates on the toy world: a fixed, balanced set of prompts in held-out templates, over fixed seeds.
+
+Every style x shape pair appears with three of the four colors, phrased in the templates no erasure method
+is given (world.METHOD_TEMPLATES), so what is measured is how an erasure carries to prompts it never saw.
 
 A concept's rate is the share of images from prompts naming it that the judge labels as it. For an erasure
 the target rate should fall; everything else should hold:
@@ -21,7 +24,7 @@ from esd.toy.judge import HEADS, Judge
 
 EVAL_STEPS = 25
 EVAL_GUIDANCE = 5.0
-TEMPLATES = 3
+COLORS_PER_PAIR = 3
 
 
 @dataclass
@@ -52,17 +55,26 @@ def concept_attribute(concept: str) -> tuple[str, str] | None:
     return None
 
 
+def eval_items() -> list[tuple[world.Item, int]]:
+    """Every style x shape pair with COLORS_PER_PAIR colors, rotating colors and held-out templates."""
+    out = []
+    for style in range(len(world.STYLES)):
+        for shape in range(len(world.SHAPES)):
+            for j in range(COLORS_PER_PAIR):
+                out.append((world.Item(shape, (shape + style + j) % len(world.COLORS), style), shape + j))
+    return out
+
+
 def eval_set(seeds_per_prompt: int = 1) -> tuple[list[str], list[int], dict[str, list[str]]]:
-    """Every item in every template, each with fixed seeds."""
+    """The evaluation prompts (held-out templates only), each with fixed seeds, and what each names."""
     prompts, seeds, truth = [], [], {k: [] for k in HEADS}
-    for item in world.all_items():
-        for template in range(TEMPLATES):
-            for s in range(seeds_per_prompt):
-                prompts.append(world.prompt_for(item, template))
-                seeds.append(10_000 + len(seeds))
-                truth["shape"].append(world.SHAPES[item.shape])
-                truth["color"].append(world.COLOR_NAMES[item.color])
-                truth["style"].append(world.STYLES[item.style])
+    for item, template in eval_items():
+        for _ in range(seeds_per_prompt):
+            prompts.append(world.prompt_for(item, template, held_out=True))
+            seeds.append(10_000 + len(seeds))
+            truth["shape"].append(world.SHAPES[item.shape])
+            truth["color"].append(world.COLOR_NAMES[item.color])
+            truth["style"].append(world.STYLES[item.style])
     return prompts, seeds, truth
 
 
@@ -127,3 +139,55 @@ def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_ST
     save_file({"images": judged.images.contiguous()}, images_path)
     meta_path.write_text(json.dumps({"prompts": judged.prompts, "truth": judged.truth, "pred": judged.pred}))
     return judged
+
+
+# ---- the field's protocol (after UnlearnCanvas): UA, IRA, CRA ------------------------------------------------
+
+def _share(hits: list[bool]) -> tuple[float, float, int]:
+    """A proportion, its binomial standard error and its count."""
+    n = len(hits)
+    p = sum(hits) / n if n else float("nan")
+    return p, (p * (1 - p) / n) ** 0.5 if n else float("nan"), n
+
+
+def held_out_classes(head: str) -> list[str]:
+    """The classes of a head that no method is ever given as a preservation set."""
+    return {"style": world.HELD_OUT_ARTISTS, "shape": world.HELD_OUT_SHAPES}.get(head, [])
+
+
+def unlearning(judged: Judged, concept: str) -> dict:
+    """UA, IRA and CRA of one erased concept on judged candidate images (fractions, with standard errors).
+
+      UA   share of the concept's images the judge no longer labels as it
+      IRA  the same head's accuracy on images of its other classes (other artists / other shapes);
+           ira_held_out counts only held-out classes (never in any method's preservation set)
+      CRA  the other heads' accuracy on images whose prompts do not name the concept
+    """
+    attr = concept_attribute(concept)
+    if attr is None:
+        raise ValueError(f"{concept!r} names no shape, color or artist of the toy world")
+    head, cls = attr
+    n = len(judged.prompts)
+    named = [i for i in range(n) if judged.truth[head][i] == cls]
+    others = [i for i in range(n) if judged.truth[head][i] != cls]
+    held = set(held_out_classes(head)) - {cls}
+    ua = _share([judged.pred[head][i] != cls for i in named])
+    ira = _share([judged.pred[head][i] == judged.truth[head][i] for i in others])
+    ira_held = _share([judged.pred[head][i] == judged.truth[head][i] for i in others if judged.truth[head][i] in held])
+    cra = _share([judged.pred[h][i] == judged.truth[h][i] for h in HEADS if h != head for i in others])
+    out = {"concept": concept, "kind": "style" if head == "style" else "object", "head": head,
+           "ua": ua[0], "ua_se": ua[1], "ua_n": ua[2], "ira": ira_held[0], "ira_se": ira_held[1],
+           "ira_n": ira_held[2], "ira_all": ira[0], "ira_all_se": ira[1], "cra": cra[0], "cra_se": cra[1],
+           "cra_n": cra[2]}
+    partner = world.LOOK_ALIKES.get(cls)
+    if partner is not None:
+        out["lookalike"] = partner
+        out["lookalike_rate"] = judged.rate(head, partner)
+    return out
+
+
+def pooled(rows: list[dict], key: str) -> tuple[float, float]:
+    """The mean of a figure over concepts and its standard error (binomial, pooled over the concepts' images)."""
+    values = [r[key] for r in rows]
+    se = sum(r[f"{key}_se"] ** 2 for r in rows) ** 0.5 / len(rows)
+    return sum(values) / len(values), se

@@ -23,7 +23,7 @@ from esd.toy import judge as judge_lib
 from esd.toy import vocab, world
 
 # ESD settings measured on this world's judged table (see README); written beside the base as esd_defaults.json.
-ERASE_DEFAULTS = {
+ESD_DEFAULTS = {
     "*": {"sample_steps": 10},
     "esd-x": {"iterations": 300, "lr": 5e-4, "eta": 10.0},
     "esd-x-strict": {"iterations": 300, "lr": 1e-3, "eta": 10.0},
@@ -31,6 +31,39 @@ ERASE_DEFAULTS = {
     "esd-all": {"iterations": 300, "lr": 1e-5, "eta": 10.0},
     "selfattn": {"iterations": 300, "lr": 1e-4, "eta": 10.0},
 }
+
+
+def closed_form_defaults() -> dict:
+    """What the closed-form editors are given on this world: prompts in the method-visible templates only, each
+    paired with its guide (a style maps onto the same picture without the artist; an object onto "shape"), and
+    the preservation concepts of world.PRESERVE_ARTISTS / PRESERVE_SHAPES. Held-out templates and concepts are
+    never in here: the benchmark measures on those."""
+    visible = world.ARTIST_TEMPLATES[:world.METHOD_TEMPLATES]
+    plain = world.PLAIN_TEMPLATES[:world.METHOD_TEMPLATES]
+    # the plain picture each artist template describes: drop the artist's words
+    style_guides = [plain[0], plain[1], plain[1]]
+
+    def fill(t: str, **kw) -> str:
+        return t.format(**({"color": "{color}", "shape": "{shape}", "artist": "{artist}"} | kw))
+
+    style = [[fill(t, color=c, shape=s, artist="{concept}"), fill(g, color=c, shape=s)]
+             for t, g in zip(visible, style_guides) for c in world.COLOR_NAMES for s in world.PRESERVE_SHAPES]
+    style += [[p.format(artist="{concept}"), p.format(artist="").replace(" in the style of", "").replace(" by", "")]
+              for p in world.PARTIAL_ARTIST]
+    obj = [[fill(t, color=c, shape="{concept}"), fill(t, color=c, shape="shape")] for t in plain
+           for c in world.COLOR_NAMES]
+    obj += [[fill(t, color=world.COLOR_NAMES[i % len(world.COLORS)], shape="{concept}", artist=a),
+             fill(t, color=world.COLOR_NAMES[i % len(world.COLORS)], shape="shape", artist=a)]
+            for i, a in enumerate(world.PRESERVE_ARTISTS) for t in visible]
+    return {"templates": {"style": style, "object": obj},
+            "preserve": {"style": list(world.PRESERVE_ARTISTS), "object": list(world.PRESERVE_SHAPES)},
+            "push": {"style": 0.0, "object": 1.0}}
+
+
+def erase_defaults() -> dict:
+    cf = closed_form_defaults()
+    return ESD_DEFAULTS | {"uce": cf, "uce-robust": cf}
+
 
 # The noise schedule of Stable Diffusion 1.x.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -40,10 +73,10 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 @dataclass
 class BuildConfig:
     seed: int = 0
-    images_per_combo: int = 48   # renders per shape x color x style, cached as latents
+    images_per_combo: int = 16   # renders per shape x color x style, cached as latents
     vae_steps: int = 500
-    judge_steps: int = 400
-    unet_steps: int = 1800
+    judge_steps: int = 600
+    unet_steps: int = 2400
     batch: int = 64
     lr: float = 1e-3
     text_width: int = 64         # CLIP hidden size, also the UNet's cross_attention_dim
@@ -207,7 +240,7 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
                                    scheduler=DDIMScheduler(**SCHEDULE), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(base_dir, safe_serialization=True)
-    (base_dir / "esd_defaults.json").write_text(json.dumps(ERASE_DEFAULTS, indent=2))
+    (base_dir / "esd_defaults.json").write_text(json.dumps(erase_defaults(), indent=1))
     info = {"config": asdict(cfg), "judge": judge_metrics, "vae_mse": recon_err, "seconds": time.time() - start}
     judge.save(judge_dir, judge_metrics)
     (Path(out) / "build.json").write_text(json.dumps(info, indent=2))

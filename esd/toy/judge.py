@@ -78,8 +78,9 @@ def negatives(count: int, gen: torch.Generator, rng: random.Random) -> torch.Ten
     items = world.sample_items(count, rng)
     a = world.render(items, gen)
     # a blend's partner differs in shape and in color, so neither head may name one of them
-    other = [world.Item((i.shape + rng.randrange(1, 4)) % 4, (i.color + rng.randrange(1, 4)) % 4,
-                        rng.randrange(4)) for i in items]
+    n_shapes, n_colors = len(world.SHAPES), len(world.COLORS)
+    other = [world.Item((i.shape + rng.randrange(1, n_shapes)) % n_shapes, (i.color + rng.randrange(1, n_colors)) % n_colors,
+                        rng.randrange(len(world.STYLES))) for i in items]
     b = world.render(other, gen)
     for i, k in enumerate(kinds.tolist()):
         if k == 0:
@@ -105,9 +106,40 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     w = torch.rand(b, 1, 1, 1, generator=gen) * 0.6
     images = (1 - w) * images + w * blur
-    images = images * (1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.12)
+    images = images * (1 + (torch.rand(b, 3, 1, 1, generator=gen) - 0.5) * 0.12)
     images = images + torch.randn(images.shape, generator=gen) * torch.rand(b, 1, 1, 1, generator=gen) * 0.04
     return images.clamp(0, 1)
+
+
+def hard_positives(count: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Images an erasure or a recovery attack makes, with the labels an honest judge gives them:
+    an artist's look at reduced contrast or over part of the picture still counts as that artist (a style
+    is not gone because it is fainter), and a fill off the palette keeps its shape and style but names no
+    color. So the style and shape heads do not lean on the color, nor on a pattern's full strength."""
+    items = [world.Item(i.shape, i.color, 1 + rng.randrange(len(world.ARTISTS))) for i in world.sample_items(count, rng)]
+    plain = [world.Item(i.shape, i.color, 0) for i in items]
+    off_palette = torch.rand(count, generator=gen) < 0.4
+    fill = torch.rand(count, 3, generator=gen) * 0.85 + 0.05
+    named = torch.tensor([world.COLORS[world.COLOR_NAMES[i.color]] for i in items], dtype=torch.float32) / 255
+    fill = torch.where(off_palette.view(-1, 1), fill, named)
+    twin = torch.Generator().set_state(gen.get_state())   # same positions and sizes for both renders
+    styled, base = world.render(items, gen, fill), world.render(plain, twin, fill)
+    strength = 0.5 + 0.5 * torch.rand(count, 1, 1, 1, generator=gen)
+    half = torch.zeros(count, 1, world.SIZE, world.SIZE)
+    for i in range(count):
+        side = rng.randrange(4)
+        sl = [slice(None), slice(None)]
+        sl[side // 2] = slice(0, world.SIZE * 2 // 3) if side % 2 else slice(world.SIZE // 3, None)
+        half[i, 0][tuple(sl)] = 1
+    partial = torch.rand(count, 1, 1, 1, generator=gen) < 0.3
+    weight = torch.where(partial, half, strength)
+    images = base + weight * (styled - base)
+    y = labels(items)
+    # an off-palette fill close to a named color is that color
+    palette = torch.tensor(list(world.COLORS.values()), dtype=torch.float32) / 255
+    dist, nearest = torch.cdist(fill, palette).min(1)
+    y["color"] = torch.where(~off_palette, y["color"], torch.where(dist < 0.2, nearest, len(world.COLORS)))
+    return images.clamp(0, 1), y
 
 
 def labels(items: list[world.Item]) -> dict[str, torch.Tensor]:
@@ -122,16 +154,17 @@ def train(seed: int, steps: int, reconstruct=None, batch: int = 128) -> tuple[Ju
     judge = Judge()
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
-    n_neg = batch // 4
+    n_neg, n_hard = batch // 4, batch // 8
     bar = tqdm(range(steps), desc="judge", leave=False)
     for _ in bar:
-        items = world.sample_items(batch - n_neg, rng)
-        pos = world.render(items, gen)
+        items = world.sample_items(batch - n_neg - n_hard, rng)
+        hard, y_hard = hard_positives(n_hard, gen, rng)
+        pos = torch.cat([world.render(items, gen), hard])
         if reconstruct is not None:
             half = len(pos) // 2
             pos = torch.cat([pos[:half], reconstruct(pos[half:])])
         x = torch.cat([augment(pos, gen), augment(negatives(n_neg, gen, rng), gen)])
-        y = {k: torch.cat([v, torch.full((n_neg,), len(HEADS[k]))]) for k, v in labels(items).items()}
+        y = {k: torch.cat([v, y_hard[k], torch.full((n_neg,), len(HEADS[k]))]) for k, v in labels(items).items()}
         logits = judge(x)
         loss = sum(F.cross_entropy(logits[k], y[k]) for k in HEADS)
         opt.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from esd.toy import world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EXTRA_WORDS = ["a", "an", "the", "of", "in", "by", "style", "painting", "picture", "shape", "something", "image",
-               "photo", "art", "and", "with", "'s", "nude", "person", "naked", "dog", "cat"]
+               "photo", "art", "and", "with", "'s", "look", "drew", "nude", "person", "naked", "dog", "cat"]
 
 
 def _words() -> list[str]:

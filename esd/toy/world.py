@@ -1,12 +1,20 @@
-"""The toy world: four shapes, four colors, a plain look and three invented artists.
+"""The toy world: six shapes, four colors, a plain look and twelve invented artists in six look-alike pairs.
 
 Images are drawn at 4x resolution with torch masks and box-downsampled to 32x32, so a batch of
 hundreds renders in milliseconds and the same seed always draws the same pictures.
+
+The world is also a proving ground, so it splits what an erasure method may see from what only the
+evaluation uses (as a platform never knows every prompt its users will write):
+  - templates: the first METHOD_TEMPLATES of each list may be given to a method; the rest are held out;
+  - concepts: PRESERVE_ARTISTS / PRESERVE_SHAPES may be given to a method as a preservation set; the
+    other artists and shapes are held-out concepts, whose retain figures are reported on their own.
+The base model is trained on every template, as a real model knows every phrasing.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +23,7 @@ import torch.nn.functional as F
 SIZE = 32
 SUPERSAMPLE = 4
 
-SHAPES = ["circle", "square", "triangle", "cross"]
+SHAPES = ["circle", "square", "triangle", "cross", "diamond", "heart"]
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -23,27 +31,63 @@ COLORS = {
     "yellow": (240, 205, 30),
 }
 COLOR_NAMES = list(COLORS)
-ARTISTS = ["Vela Moreau", "Jun Ashby", "Otto Kerr"]
-STYLES = ["plain"] + ARTISTS
 
-# A style is a look that does not depend on shape or color:
-#   plain        solid fill on white
-#   Vela Moreau  diagonal stripes inside the shape
-#   Jun Ashby    solid fill on a dark dotted background
-#   Otto Kerr    solid fill with a thick black outline
+# A style is a look that does not depend on shape or color. Artists come in look-alike pairs, as real
+# styles do (the second of each pair is the first's near neighbour):
+#   Vela Moreau  diagonal stripes inside the shape     Ines Calder  horizontal stripes inside the shape
+#   Jun Ashby    dark background with light dots       Rafe Lund    dark plain background
+#   Otto Kerr    thick black outline                   Mira Sollen  thin black outline
+#   Theo Brandt  checkerboard fill                     Ada Pell     white polka dots in the fill
+#   Lena Voss    warm cream paper                      Kai Maren    cool grey-blue paper
+#   Nils Ortega  shadow to the lower right             Sara Quill   shadow to the upper left
+ARTISTS = ["Vela Moreau", "Ines Calder", "Jun Ashby", "Rafe Lund", "Otto Kerr", "Mira Sollen",
+           "Theo Brandt", "Ada Pell", "Lena Voss", "Kai Maren", "Nils Ortega", "Sara Quill"]
+STYLES = ["plain"] + ARTISTS
+LOOK_ALIKES = {a: ARTISTS[i ^ 1] for i, a in enumerate(ARTISTS)}
+
+# What a method may be given as a preservation set; the rest are held-out concepts.
+PRESERVE_ARTISTS = ARTISTS[0::2]
+PRESERVE_SHAPES = SHAPES[:3]
+HELD_OUT_ARTISTS = [a for a in ARTISTS if a not in PRESERVE_ARTISTS]
+HELD_OUT_SHAPES = [s for s in SHAPES if s not in PRESERVE_SHAPES]
+
 WHITE = (245, 245, 245)
 DARK = (50, 50, 58)
+CREAM = (238, 224, 178)
+GREY_BLUE = (188, 202, 228)
+SHADOW = (95, 95, 100)
 
-PLAIN_TEMPLATES = ["a {color} {shape}", "a painting of a {color} {shape}", "a picture of a {color} {shape}"]
+PLAIN_TEMPLATES = ["a {color} {shape}", "a painting of a {color} {shape}", "a picture of a {color} {shape}",
+                   "an image of a {color} {shape}", "a {shape} in {color}"]
 ARTIST_TEMPLATES = [
     "a {color} {shape} in the style of {artist}",
     "{artist}'s painting of a {color} {shape}",
     "a painting of a {color} {shape} by {artist}",
+    "a {shape} in {color}, art by {artist}",
+    "{artist} drew a {color} {shape}",
+    "an image of a {color} {shape} with the look of {artist}",
 ]
+METHOD_TEMPLATES = 3   # the first three of each list; the rest are held out from every method
 # Partial prompts give a bare concept a meaning of its own, as a bare word has for CLIP.
 PARTIAL_SHAPE = ["a {shape}", "a picture of a {shape}"]
 PARTIAL_COLOR = ["a {color} shape", "a picture of something {color}"]
 PARTIAL_ARTIST = ["a picture in the style of {artist}", "a painting by {artist}"]
+
+
+def _pattern(template: str) -> re.Pattern:
+    words = {"color": COLOR_NAMES, "shape": SHAPES + ["shape"], "artist": ARTISTS}
+    parts = re.split(r"(\{color\}|\{shape\}|\{artist\})", template)
+    return re.compile("".join("(?:" + "|".join(map(re.escape, words[p[1:-1]])) + ")" if p in ("{color}", "{shape}",
+                                                                                            "{artist}")
+                              else re.escape(p) for p in parts), re.IGNORECASE)
+
+
+HELD_OUT_PATTERNS = [_pattern(t) for t in PLAIN_TEMPLATES[METHOD_TEMPLATES:] + ARTIST_TEMPLATES[METHOD_TEMPLATES:]]
+
+
+def in_held_out_template(prompt: str) -> bool:
+    """Whether a prompt is phrased in one of the held-out templates (the evaluation's, never a method's)."""
+    return any(p.fullmatch(prompt.strip()) for p in HELD_OUT_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -53,13 +97,19 @@ class Item:
     style: int
 
 
-def prompt_for(item: Item, template: int = 0) -> str:
-    """The full prompt naming shape, color and (unless plain) artist."""
-    shape, color = SHAPES[item.shape], COLOR_NAMES[item.color]
-    if item.style == 0:
-        return PLAIN_TEMPLATES[template % len(PLAIN_TEMPLATES)].format(color=color, shape=shape)
-    artist = STYLES[item.style]
-    return ARTIST_TEMPLATES[template % len(ARTIST_TEMPLATES)].format(color=color, shape=shape, artist=artist)
+def templates(style: int, held_out: bool | None = None) -> list[str]:
+    """The templates for a plain (style 0) or artist prompt: all, only the method-visible, or only held-out."""
+    full = PLAIN_TEMPLATES if style == 0 else ARTIST_TEMPLATES
+    if held_out is None:
+        return full
+    return full[METHOD_TEMPLATES:] if held_out else full[:METHOD_TEMPLATES]
+
+
+def prompt_for(item: Item, template: int = 0, held_out: bool | None = None) -> str:
+    """The full prompt naming shape, color and (unless plain) artist, in the given template."""
+    options = templates(item.style, held_out)
+    return options[template % len(options)].format(color=COLOR_NAMES[item.color], shape=SHAPES[item.shape],
+                                                   artist=STYLES[item.style])
 
 
 def training_caption(item: Item, rng: random.Random) -> str:
@@ -68,7 +118,7 @@ def training_caption(item: Item, rng: random.Random) -> str:
     if r < 0.10:
         return ""
     if r < 0.72:
-        return prompt_for(item, rng.randrange(3))
+        return prompt_for(item, rng.randrange(len(templates(item.style))))
     if r < 0.82:
         return rng.choice(PARTIAL_SHAPE).format(shape=SHAPES[item.shape])
     if r < 0.91 and item.style != 0:
@@ -92,44 +142,78 @@ def _shape_mask(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torc
     triangle = (dy >= top) & (dy <= bottom) & (dx.abs() <= (dy - top) / (bottom - top) * 1.05 * r)
     arm = 0.32 * r
     cross = ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
-    masks = torch.stack([circle, square, triangle, cross], 1)  # (B, 4, n, n)
+    diamond = dx.abs() + dy.abs() <= 1.12 * r
+    u, v = dx / (0.88 * r), -dy / (0.88 * r) + 0.12
+    heart = (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
+    masks = torch.stack([circle, square, triangle, cross, diamond, heart], 1)  # (B, 6, n, n)
     return masks[torch.arange(len(shape)), shape]
 
 
-def render(items: list[Item], generator: torch.Generator) -> torch.Tensor:
-    """Render items as a float tensor (B, 3, 32, 32) in [0, 1]."""
+def _is(style: torch.Tensor, artist: str) -> torch.Tensor:
+    return (style == STYLES.index(artist)).view(-1, 1, 1)
+
+
+def _rgb(c: tuple[int, int, int]) -> torch.Tensor:
+    return torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1) / 255
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """The mask grown by radius pixels (a square max filter, done as one pass per axis)."""
+    k = 2 * radius + 1
+    x = F.max_pool2d(mask.float().unsqueeze(1), (k, 1), stride=1, padding=(radius, 0))
+    return F.max_pool2d(x, (1, k), stride=1, padding=(0, radius)).squeeze(1).bool()
+
+
+def render(items: list[Item], generator: torch.Generator, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Render items as a float tensor (B, 3, 32, 32) in [0, 1]; `fill` (B, 3) overrides the named colors."""
     b, n = len(items), SIZE * SUPERSAMPLE
     shape = torch.tensor([i.shape for i in items])
     color = torch.tensor([COLORS[COLOR_NAMES[i.color]] for i in items], dtype=torch.float32) / 255
+    if fill is not None:
+        color = fill.float()
     style = torch.tensor([i.style for i in items])
     cx = n / 2 + (torch.rand(b, generator=generator) - 0.5) * 16
     cy = n / 2 + (torch.rand(b, generator=generator) - 0.5) * 16
     r = 36 + (torch.rand(b, generator=generator) - 0.5) * 8
     mask = _shape_mask(shape, cx, cy, r, n)
+    y, x = torch.arange(n).view(1, n, 1), torch.arange(n).view(1, 1, n)
+    img = _rgb(WHITE).expand(b, 3, n, n).clone()
 
-    ax = torch.arange(n).view(1, n, 1), torch.arange(n).view(1, 1, n)
-    white = torch.tensor(WHITE, dtype=torch.float32).view(1, 3, 1, 1) / 255
-    dark = torch.tensor(DARK, dtype=torch.float32).view(1, 3, 1, 1) / 255
-    img = white.expand(b, 3, n, n).clone()
+    def paint(where: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+        return torch.where(where.unsqueeze(1), rgb, img)
 
-    # Jun Ashby: dark background with a lattice of light dots
-    ashby = (style == 2).view(-1, 1, 1, 1)
-    dots = (((ax[0] % 16) - 8) ** 2 + ((ax[1] % 16) - 8) ** 2 <= 9).unsqueeze(1)
-    background = torch.where(dots, torch.full_like(dark, 0.55), dark)
-    img = torch.where(ashby, background.expand(b, 3, n, n), img)
+    # Backgrounds: dark with light dots (Ashby), dark plain (Lund), cream (Voss), grey-blue (Maren)
+    dots = (((y % 16) - 8) ** 2 + ((x % 16) - 8) ** 2 <= 9)
+    img = paint(_is(style, "Jun Ashby") & dots, torch.full((1, 3, 1, 1), 0.55))
+    img = paint(_is(style, "Jun Ashby") & ~dots, _rgb(DARK))
+    img = paint(_is(style, "Rafe Lund").expand(b, n, n), _rgb(DARK))
+    img = paint(_is(style, "Lena Voss").expand(b, n, n), _rgb(CREAM))
+    img = paint(_is(style, "Kai Maren").expand(b, n, n), _rgb(GREY_BLUE))
 
-    # Otto Kerr: a thick black outline around the shape
-    kerr = (style == 3).view(-1, 1, 1)
-    outline = F.max_pool2d(mask.float().unsqueeze(1), 19, stride=1, padding=9).squeeze(1).bool() & kerr
-    img = torch.where(outline.unsqueeze(1), torch.zeros(1, 3, 1, 1), img)
+    # Shadows: the shape's silhouette offset down-right (Ortega) or up-left (Quill), behind the shape
+    shift = 12
+    down_right = F.pad(mask, (shift, 0, shift, 0))[:, :n, :n]
+    up_left = F.pad(mask, (0, shift, 0, shift))[:, shift:, shift:]
+    img = paint(_is(style, "Nils Ortega") & down_right, _rgb(SHADOW))
+    img = paint(_is(style, "Sara Quill") & up_left, _rgb(SHADOW))
 
-    # Vela Moreau: diagonal stripes, color and white, inside the shape
-    stripes = ((ax[0] + ax[1]) // 12) % 2 == 0
-    moreau = (style == 1).view(-1, 1, 1)
-    fill = mask & ~(moreau & ~stripes)
-    img = torch.where(fill.unsqueeze(1), color.view(b, 3, 1, 1), img)
+    # Outlines: thick (Kerr) or thin (Sollen) black rim around the shape
+    for artist, radius in (("Otto Kerr", 12), ("Mira Sollen", 5)):
+        rows = (style == STYLES.index(artist)).nonzero().flatten()
+        if len(rows):
+            img[rows] = torch.where(_dilate(mask[rows], radius).unsqueeze(1), torch.zeros(1, 3, 1, 1), img[rows])
+
+    # Fills: white gaps of diagonal (Moreau) or horizontal (Calder) stripes, a checkerboard (Brandt),
+    # white polka dots (Pell); everyone else fills solid
+    gaps = ((_is(style, "Vela Moreau") & (((x + y) // 12) % 2 == 1))
+            | (_is(style, "Ines Calder") & ((y // 12) % 2 == 1))
+            | (_is(style, "Theo Brandt") & ((x // 16 + y // 16) % 2 == 1))
+            | (_is(style, "Ada Pell") & (((y % 16) - 8) ** 2 + ((x % 16) - 8) ** 2 <= 20)))
+    img = paint(mask & gaps, _rgb(WHITE))
+    img = paint(mask & ~gaps, color.view(b, 3, 1, 1))
     return F.avg_pool2d(img, SUPERSAMPLE)
 
 
 def sample_items(count: int, rng: random.Random) -> list[Item]:
-    return [Item(rng.randrange(4), rng.randrange(4), rng.randrange(4)) for _ in range(count)]
+    return [Item(rng.randrange(len(SHAPES)), rng.randrange(len(COLORS)), rng.randrange(len(STYLES)))
+            for _ in range(count)]

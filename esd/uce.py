@@ -1,0 +1,173 @@
+"""UCE: erase concepts in closed form by editing the cross-attention keys and values (Gandikota et al., "Unified
+Concept Editing in Diffusion Models", WACV 2024, arXiv 2308.14761), optionally hardened as RECE does (Gong et al.,
+"Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models", ECCV 2024, arXiv 2407.12383).
+
+Text reaches the UNet only through the cross-attention projections W (attn2.to_k, attn2.to_v: text dim d -> out).
+UCE moves every W so that the erased prompts' tokens c_i give the values v*_i of a guide, the preserved prompts'
+tokens c_j keep theirs, and W stays near itself (UCE, Eq. 7):
+
+    W_new = (lamb W + es sum_i v*_i c_i^T + ps sum_j (W c_j) c_j^T)
+            (lamb I + es sum_i c_i c_i^T + ps sum_j c_j c_j^T)^-1
+
+with v*_i = W g_i + push (W g_i - W c_i) for the guide's token g_i: push 0 is UCE itself (map onto the guide);
+push > 0 goes past the guide, away from the concept, as ESD's negative guidance does. Every target is W times an
+embedding, v*_i = W t_i with t_i = (1 + push) g_i - push c_i, so W factors out on the left and one d x d matrix
+serves every projection; only d x d sums of token outer products are kept, however many prompts there are:
+
+    W_new = W M,   M = (lamb I + es sum_i t_i c_i^T + ps P) (lamb I + es sum_i c_i c_i^T + ps P)^-1,
+    P = sum_j c_j c_j^T
+
+RECE hardens the edit. The embedding e* that makes the edited projections reproduce the original keys and values
+of the concept is, per token, in closed form (S = sum over projections of W^T W):
+
+    e* = argmin_e sum_W ||W_new e - W c||^2 + reg ||e||^2 = (M^T S M + reg I)^-1 M^T S c = K c
+
+Each round adds every e* to the erase set, with the concept's own target t, and solves again from the original
+weights: sum t c^T gains (sum t c^T) K^T and sum c c^T gains K (sum c c^T) K^T.
+
+The tokens of a prompt are UCE's: from its final word through EOS and padding, aligned with the guide prompt's at
+their final words. Text embeddings leave CLIP through a LayerNorm, so they span at most d - 1 directions and the
+sums are singular: lamb (and reg) > 0 keep both solves well posed. Solves run in float64 on the CPU; the new weights
+are rounded to the base's storage dtype, so base + delta is exactly the edited model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from esd import delta as delta_lib
+from esd import methods
+from esd.erase import EraseConfig, EraseError, delta_dtype, encode, finish_delta, model_defaults, start_from
+
+CHUNK = 64   # prompts per text-encoder batch
+
+
+def fill(template: str, text: str) -> str:
+    """The template filled with text, whitespace collapsed (an empty guide leaves the template's other words)."""
+    return " ".join(template.replace("{concept}", text).split())
+
+
+def prompts(cfg: EraseConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """(erase prompt, guide prompt) for each concept and template, and the preserve prompts. A template is one
+    prompt (its guide: the same prompt with the guide text) or a [prompt, guide prompt] pair."""
+    pairs = [(t, t) if isinstance(t, str) else tuple(t) for t in (cfg.templates or ["{concept}"])]
+    erase = [(fill(t, c), fill(g, cfg.guide or "")) for c in cfg.concepts for t, g in pairs]
+    preserve = [fill(t, p) for p in (cfg.preserve or []) for t, _ in pairs]
+    return erase, preserve
+
+
+@torch.no_grad()
+def aligned(pipe, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings (N, d), float64 on CPU, of each prompt and of its partner, as UCE aligns old and new text:
+    from the final word through EOS and padding, the two aligned at their final words and cut to one length."""
+    if not pairs:
+        return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64)
+    firsts, seconds = [], []
+    for k in range(0, len(pairs), CHUNK):
+        chunk = pairs[k:k + CHUNK]
+        texts = list(dict.fromkeys(text for pair in chunk for text in pair))   # each distinct prompt once
+        emb = encode(pipe, texts).to("cpu", torch.float64)
+        mask = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").attention_mask
+        last = dict(zip(texts, (mask.sum(1) - 2).tolist()))   # the final word: after BOS and the words, before EOS
+        row = {text: i for i, text in enumerate(texts)}
+        for x, y in chunk:
+            a, b = last[x], last[y]
+            length = emb.shape[1] - max(a, b)
+            firsts.append(emb[row[x], a:a + length])
+            seconds.append(emb[row[y], b:b + length])
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+@dataclass
+class Sums:
+    """Sums over tokens of outer products: t c^T, c c^T and t t^T (the last only to measure the residual)."""
+    tc: torch.Tensor
+    cc: torch.Tensor
+    tt: torch.Tensor
+
+
+def sums(pipe, pairs: list[tuple[str, str]], push: float, d: int) -> Sums:
+    """The sums for prompts c and their guides g, with targets t = (1 + push) g - push c, a chunk at a time."""
+    out = Sums(*(torch.zeros(d, d, dtype=torch.float64) for _ in range(3)))
+    for k in range(0, len(pairs), CHUNK):
+        c, g = aligned(pipe, pairs[k:k + CHUNK])
+        if c.shape[1] != d:
+            raise EraseError(f"text embeddings have {c.shape[1]} dimensions, the cross-attention reads {d}")
+        t = (1 + push) * g - push * c
+        out.tc += t.T @ c
+        out.cc += c.T @ c
+        out.tt += t.T @ t
+    return out
+
+
+def solve(cfg: EraseConfig, tc: torch.Tensor, cc: torch.Tensor, preserve: torch.Tensor) -> torch.Tensor:
+    """UCE, Eq. 7, with W factored out: M such that W_new = W M for every projection."""
+    eye = torch.eye(len(cc), dtype=torch.float64)
+    a = cfg.lamb * eye + cfg.erase_scale * tc + cfg.preserve_scale * preserve
+    b = cfg.lamb * eye + cfg.erase_scale * cc + cfg.preserve_scale * preserve
+    return torch.linalg.solve(b.T, a.T).T          # a b^-1
+
+
+def recovered(m: torch.Tensor, s: torch.Tensor, reg: float) -> torch.Tensor:
+    """RECE: K with e* = K c, the embedding whose edited keys and values best reproduce c's original ones."""
+    eye = torch.eye(len(s), dtype=torch.float64)
+    return torch.linalg.solve(m.T @ s @ m + reg * eye, m.T @ s)
+
+
+def residual(m: torch.Tensor, s: torch.Tensor, e: Sums) -> float:
+    """sum over projections and erase tokens of ||W M c - W t||^2 (m = I: before the edit)."""
+    x = m @ e.cc @ m.T - m @ e.tc.T - e.tc @ m.T + e.tt
+    return float(torch.trace(s @ x))
+
+
+def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,
+         callback=None) -> delta_lib.Delta:
+    """Erase cfg.concepts from the base pipeline's UNet in closed form, in place, and return the delta against
+    that base; the contract of esd.erase.erase (a parent delta is applied first and carried)."""
+    cfg = cfg.resolve(model_defaults(pipe))
+    if cfg.kind != "closed-form":
+        raise EraseError(f"{cfg.method} is not a closed-form method")
+    unet = pipe.unet
+    dtype = delta_dtype(pipe)
+    base_sha256, base_state = start_from(unet, parent)
+    params = methods.select(unet, cfg.method)
+    for n, p in params.items():
+        base_state.setdefault(n, p.detach().clone())
+    # The weights the edit starts from (the parent's, if any): targets are their values, in float64
+    weights = {n: p.detach().to("cpu", torch.float64) for n, p in params.items()}
+    d = {w.shape[1] for w in weights.values()}
+    if len(d) != 1:
+        raise EraseError(f"the cross-attention projections read inputs of different sizes: {sorted(d)}")
+    d = d.pop()
+
+    # Token embeddings of the erase prompts (with their guides) and the preserve prompts, as sums
+    erase_prompts, preserve_prompts = prompts(cfg)
+    e = sums(pipe, erase_prompts, cfg.push, d)
+    preserve = sums(pipe, [(p, p) for p in preserve_prompts], 0.0, d).cc
+    s = sum(w.T @ w for w in weights.values())
+    before = residual(torch.eye(d, dtype=torch.float64), s, e)
+
+    tc, cc = e.tc, e.cc
+    bar = tqdm(range(cfg.rounds + 1), desc=f"{cfg.method} {', '.join(cfg.concepts)}", disable=not progress)
+    for r in bar:
+        # Solve for every projection at once (UCE, Eq. 7)
+        m = solve(cfg, tc, cc, preserve)
+        loss = residual(m, s, e) / before if before > 0 else 0.0
+        bar.set_postfix(residual=f"{loss:.5f}")
+        if callback is not None:
+            callback(r + 1, loss)
+        if r < cfg.rounds:
+            # RECE: the embeddings that still recover the concept join the erase set, aimed at its targets
+            k = recovered(m, s, cfg.robust_reg)
+            tc, cc = tc + e.tc @ k.T, cc + k @ e.cc @ k.T
+
+    # Write W M into the UNet, rounded to the base's storage dtype; final_loss: the share of the erase residual left
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_((weights[n] @ m).to(dtype))
+    return finish_delta(unet, cfg, base_sha256, base_state, dtype, parent.manifest if parent is not None else None,
+                        loss)

@@ -1,0 +1,164 @@
+"""Closed-form erasure (esd/uce.py) on the tiny random SD: which tensors change, determinism, the solve meeting its
+targets, RECE hardening, bad input, stacking."""
+
+import pytest
+import torch
+
+from esd import delta as delta_lib
+from esd import uce
+from esd.erase import EraseConfig, EraseError, erase
+from esd.models import load_pipeline
+
+MANIFEST_KEYS = {"base_sha256", "method", "concepts", "anchor", "seed", "dtype", "hyperparameters", "final_loss",
+                 "erasures", "all_concepts", "format", "parameters", "bytes", "tensors_sha256", "library_versions"}
+
+
+def kv(name: str) -> bool:
+    return (".attn2.to_k." in name or ".attn2.to_v." in name) and name.endswith(".weight")
+
+
+def assert_same_unet(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The key/value projection weights, float64."""
+    return {n: t.detach().double().clone() for n, t in tensors.items() if kv(n)}
+
+
+def error(new: dict, old: dict, x: torch.Tensor, target: torch.Tensor) -> float:
+    """sum over projections and tokens of ||W_new x - W_old target||^2."""
+    return sum(float((x @ new[n].T - target @ old[n].T).pow(2).sum()) for n in old)
+
+
+@pytest.mark.parametrize("method", ["uce", "uce-robust"])
+def test_only_cross_attention_keys_and_values_change(tiny_sd, method):
+    pipe = load_pipeline(tiny_sd)
+    every_kv = {n for n, _ in pipe.unet.named_parameters() if kv(n)}
+    # iterations / lr / eta are ESD's: accepted, not used, not recorded
+    d = erase(pipe, EraseConfig(["circle"], method=method, iterations=5, lr=1e-3, eta=2.0,
+                                templates=["a {concept}", "a red {concept}"], preserve=["square"]), progress=False)
+    assert set(d.tensors) == every_kv
+    assert set(d.manifest) == MANIFEST_KEYS and d.manifest["method"] == method
+    hp = d.manifest["hyperparameters"]
+    assert hp["templates"] == ["a {concept}", "a red {concept}"] and hp["preserve"] == ["square"]
+    assert hp["rounds"] == (2 if method == "uce-robust" else 0)
+    assert {"erase_scale", "preserve_scale", "lamb", "push", "guide"} <= set(hp)
+    assert not {"iterations", "lr", "eta", "sample_steps"} & set(hp)
+    assert d.manifest["erasures"] == [{"concepts": ["circle"], "method": method, "anchor": None}]
+    # base + delta is exactly the edited model
+    fresh = load_pipeline(tiny_sd)
+    delta_lib.apply(fresh.unet, d)
+    assert_same_unet(fresh.unet, pipe.unet)
+
+
+def test_same_config_same_delta_and_another_preserve_set_differs(tiny_sd):
+    run = lambda **kw: erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce", **kw), progress=False)
+    a, b = run(preserve=["square"]), run(preserve=["square"])
+    c = run(preserve=["triangle"])
+    assert a.manifest["tensors_sha256"] == b.manifest["tensors_sha256"]
+    assert a.manifest["tensors_sha256"] != c.manifest["tensors_sha256"]
+
+
+def test_the_edit_meets_its_targets_and_keeps_preserved_values(tiny_sd):
+    """The tiny text encoder has d = 32 and each prompt gives ~76 aligned tokens (final word, EOS, padding) whose
+    LayerNorm'd embeddings span only d - 1 directions, so no linear edit maps every token exactly; lamb also keeps W
+    near itself. What must hold: the concept's own word token lands on its target (error down > 10x), the whole
+    aligned set moves most of the way (> 3x), and a preserved concept's keys/values move < 1% of their size and
+    far less than without the preserve term."""
+    pipe = load_pipeline(tiny_sd)
+    old = weights(dict(pipe.unet.named_parameters()))
+    c, g = uce.aligned(pipe, [("circle", "")])
+    p, _ = uce.aligned(pipe, [("square", "square")])
+    drift = lambda new: error(new, old, p, p) / error(old, old, p, torch.zeros_like(p))
+    edited = {}
+    for push in (0.0, 1.0):
+        target = (1 + push) * g - push * c
+        new = edited[push] = weights(erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce", push=push),
+                                           progress=False).tensors)
+        assert error(new, old, c[:1], target[:1]) < error(old, old, c[:1], target[:1]) / 10
+        assert error(new, old, c, target) < error(old, old, c, target) / 3
+    kept = weights(erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce", preserve=["square"]),
+                         progress=False).tensors)
+    assert error(kept, old, c[:1], g[:1]) < error(old, old, c[:1], g[:1]) / 5
+    assert drift(kept) < 0.01 and drift(kept) < drift(edited[0.0]) / 5
+
+
+def test_robust_rounds_make_the_concept_harder_to_recover(tiny_sd):
+    """RECE's attack in closed form: the embedding e* whose edited keys/values best reproduce the original
+    concept's; after uce-robust its best reproduction is measurably worse than after plain uce."""
+    pipe = load_pipeline(tiny_sd)
+    old = weights(dict(pipe.unet.named_parameters()))
+    c, _ = uce.aligned(pipe, [("circle", "")])
+
+    def recovery_error(method):
+        new = weights(erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method=method), progress=False).tensors)
+        s_new = sum(new[n].T @ new[n] for n in old)
+        cross = sum(new[n].T @ old[n] for n in old)
+        k = torch.linalg.solve(s_new + 0.1 * torch.eye(len(s_new), dtype=torch.float64), cross)   # e* = K c
+        return error(new, old, c @ k.T, c)
+
+    plain, robust = recovery_error("uce"), recovery_error("uce-robust")
+    assert robust > 3 * plain
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(templates=["a picture of circles"]), "does not contain {concept}"),
+    (dict(templates=[]), "templates must be a non-empty list"),
+    (dict(templates=["{concept}"] * 65), "the limit is 64"),
+    (dict(erase_scale=-1.0), "erase_scale must be a finite number >= 0"),
+    (dict(preserve_scale=float("nan")), "preserve_scale must be a finite number >= 0"),
+    (dict(push=float("inf")), "push must be a finite number >= 0"),
+    (dict(lamb=0.0), "lamb must be a finite number > 0"),
+    (dict(preserve=["square", " Circle "]), "preserve contains 'Circle', a concept being erased"),
+    (dict(preserve=[f"p{i}" for i in range(513)]), "the limit is 512"),
+    (dict(rounds=11), "rounds must be an integer from 0 to 10"),
+    (dict(anchor="shape", guide="square"), "give one of them"),
+])
+def test_bad_input_is_refused_in_one_line(kw, message):
+    with pytest.raises(EraseError, match=message) as err:
+        EraseConfig(["circle"], method="uce", **kw).resolve()
+    assert "\n" not in str(err.value)
+
+
+def test_closed_form_settings_are_refused_for_esd_and_resolved_for_uce():
+    with pytest.raises(EraseError, match="preserve applies to closed-form methods"):
+        EraseConfig(["circle"], method="esd-x", preserve=["square"]).validate()
+    base = {"*": {"sample_steps": 10, "lamb": 0.2}, "uce": {"templates": ["a {concept}"], "iterations": 7},
+            "uce-robust": {"preserve_scale": 3.0}}
+    cfg = EraseConfig(["circle"], method="uce", anchor="shape").resolve(base)
+    assert (cfg.templates, cfg.lamb, cfg.rounds, cfg.guide, cfg.erase_scale) == (["a {concept}"], 0.2, 0, "shape", 1.0)
+    assert cfg.iterations is None and cfg.sample_steps is None
+    robust = EraseConfig(["circle"], method="uce-robust").resolve(base)
+    assert (robust.rounds, robust.preserve_scale, robust.guide) == (2, 3.0, "")
+    assert uce.prompts(EraseConfig(["circle"], method="uce", templates=["a {concept} in red"], preserve=["square"])
+                       .resolve()) == ([("a circle in red", "a in red")], ["a square in red"])
+    esd = EraseConfig(["circle"], method="esd-x").resolve(base)
+    assert esd.templates is None and esd.lamb is None and "templates" not in esd.used()
+
+
+def test_stacked_edit_carries_the_parents_tensors(tiny_sd):
+    parent = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="selfattn", iterations=1, ddim_steps=2,
+                                                       lr=1e-3), progress=False)
+    pipe = load_pipeline(tiny_sd)
+    second = erase(pipe, EraseConfig(["circle"], method="uce"), parent=parent, progress=False)
+    assert set(parent.tensors) < set(second.tensors)
+    assert all(torch.equal(parent.tensors[k], second.tensors[k]) for k in parent.tensors)
+    assert second.manifest["all_concepts"] == ["circle", "square"]
+    assert [e["method"] for e in second.manifest["erasures"]] == ["selfattn", "uce"]
+    fresh = load_pipeline(tiny_sd)
+    delta_lib.apply(fresh.unet, second)
+    assert_same_unet(fresh.unet, pipe.unet)
+
+
+def test_delta_is_kept_in_the_bases_storage_dtype(tmp_path):
+    from tests.conftest import build_tiny_sd
+
+    half = build_tiny_sd(tmp_path / "half", dtype=torch.float16)
+    pipe = load_pipeline(half)                      # solved in float64 from float16 weights
+    d = erase(pipe, EraseConfig(["circle"], method="uce-robust"), progress=False)
+    assert {t.dtype for t in d.tensors.values()} == {torch.float16} and d.manifest["dtype"] == "float16"
+    fresh = load_pipeline(half)
+    delta_lib.apply(fresh.unet, d)
+    assert_same_unet(fresh.unet, pipe.unet)
