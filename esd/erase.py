@@ -42,12 +42,12 @@ MAX_CONCEPT_CHARS = 200
 PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0}
 # Closed-form methods (esd/uce.py): UCE's published settings (erase_scale 1, preserve_scale 1, lamb 0.5), no push
 # away from the concept, no hardening rounds, and RECE's regulariser (0.1) for the recovered embeddings.
-CLOSED_FORM_DEFAULTS = {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "push": 0.0, "rounds": 0,
-                        "robust_reg": 0.1}
+CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "push": 0.0,
+                        "rounds": 0, "robust_reg": 0.1}
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
             "gradient_checkpointing")
-CLOSED_FORM_ONLY = ("templates", "guide", "preserve", "erase_scale", "preserve_scale", "lamb", "push", "rounds",
+CLOSED_FORM_ONLY = ("align", "templates", "guide", "preserve", "erase_scale", "preserve_scale", "lamb", "push", "rounds",
                     "robust_reg")
 MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS = 64, 512, 10
 # Fast mode reaches x_t in at most this many DDIM jumps instead of up to 50 steps (the sampling is ~85% of the
@@ -95,6 +95,7 @@ class EraseConfig:
                                          # (None: the concept alone)
     guide: str | None = None             # what the concept maps onto (the anchor, if given; else "": removed)
     preserve: list[str] | None = None    # concepts whose keys and values must not move
+    align: str | None = None             # "final": UCE's tokens (final word on); "concept": the concept's own too
     erase_scale: float | None = None
     preserve_scale: float | None = None
     lamb: float | None = None            # how strongly the weights stay where they were
@@ -196,6 +197,8 @@ class EraseConfig:
             for p in self.preserve:
                 if _normal(p) in erased:
                     raise EraseError(f"preserve contains {p!r}, a concept being erased")
+        if self.align is not None and self.align not in ("final", "concept"):
+            raise EraseError(f"unknown align {self.align!r}; choose final or concept")
         for name in ("erase_scale", "preserve_scale", "push"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

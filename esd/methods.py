@@ -48,9 +48,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _xattn_kv_weights, kind="closed-form", benchmarked=True),
     Method("uce-robust", "UCE re-solved against the embeddings that still recover the concept (RECE)",
            _xattn_kv_weights, kind="closed-form", defaults={"rounds": 2}, benchmarked=True),
+    Method("uce-tokens", "UCE that also maps the concept's own tokens, wherever they stand in the prompt",
+           _xattn_kv_weights, kind="closed-form", defaults={"align": "concept"}, benchmarked=True),
+    Method("uce-tokens-robust", "uce-tokens re-solved against the embeddings that still recover the concept",
+           _xattn_kv_weights, kind="closed-form", defaults={"align": "concept", "rounds": 2}, benchmarked=True),
 ]}
 
-DEFAULT_BY_KIND = {"style": "esd-x", "object": "esd-u", "nudity": "esd-u", "custom": "esd-u"}
+DEFAULT_BY_KIND = {"style": "uce-tokens-robust", "object": "uce-tokens", "nudity": "esd-u", "custom": "esd-u"}
 
 
 class MethodError(ValueError):

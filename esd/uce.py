@@ -50,35 +50,54 @@ def fill(template: str, text: str) -> str:
     return " ".join(template.replace("{concept}", text).split())
 
 
-def prompts(cfg: EraseConfig) -> tuple[list[tuple[str, str]], list[str]]:
-    """(erase prompt, guide prompt) for each concept and template, and the preserve prompts. A template is one
-    prompt (its guide: the same prompt with the guide text) or a [prompt, guide prompt] pair."""
+def prompts(cfg: EraseConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(erase prompt, guide prompt, concept) for each concept and template, and (prompt, prompt, concept) for the
+    preserve prompts. A template is one prompt (its guide: the same prompt with the guide text) or a
+    [prompt, guide prompt] pair."""
     pairs = [(t, t) if isinstance(t, str) else tuple(t) for t in (cfg.templates or ["{concept}"])]
-    erase = [(fill(t, c), fill(g, cfg.guide or "")) for c in cfg.concepts for t, g in pairs]
-    preserve = [fill(t, p) for p in (cfg.preserve or []) for t, _ in pairs]
+    erase = [(fill(t, c), fill(g, cfg.guide or ""), c) for c in cfg.concepts for t, g in pairs]
+    preserve = [(fill(t, p), fill(t, p), p) for p in (cfg.preserve or []) for t, _ in pairs]
     return erase, preserve
 
 
+def _span(ids: list[int], words: list[int]) -> range:
+    """Where the token ids of words first occur in ids (empty if nowhere)."""
+    for i in range(len(ids) - len(words) + 1):
+        if ids[i:i + len(words)] == words:
+            return range(i, i + len(words))
+    return range(0)
+
+
 @torch.no_grad()
-def aligned(pipe, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned(pipe, pairs: list[tuple], concept_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings (N, d), float64 on CPU, of each prompt and of its partner, as UCE aligns old and new text:
-    from the final word through EOS and padding, the two aligned at their final words and cut to one length."""
+    from the final word through EOS and padding, the two aligned at their final words and cut to one length.
+
+    With concept_tokens, a pair's third element (the concept) also contributes its own tokens wherever they stand
+    in the prompt, each aligned with the partner's token at the same position, or with the partner's final word
+    if the partner is shorter. A causal text encoder gives a concept at the start of a prompt the same embedding
+    whatever follows, and no token after it; UCE's alignment alone never edits those."""
     if not pairs:
         return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64)
+    tok = pipe.tokenizer
     firsts, seconds = [], []
     for k in range(0, len(pairs), CHUNK):
         chunk = pairs[k:k + CHUNK]
-        texts = list(dict.fromkeys(text for pair in chunk for text in pair))   # each distinct prompt once
+        texts = list(dict.fromkeys(text for pair in chunk for text in pair[:2]))   # each distinct prompt once
         emb = encode(pipe, texts).to("cpu", torch.float64)
-        mask = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").attention_mask
-        last = dict(zip(texts, (mask.sum(1) - 2).tolist()))   # the final word: after BOS and the words, before EOS
+        enc = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        last = dict(zip(texts, (enc.attention_mask.sum(1) - 2).tolist()))   # the final word: before EOS
         row = {text: i for i, text in enumerate(texts)}
-        for x, y in chunk:
+        for x, y, *concept in chunk:
             a, b = last[x], last[y]
             length = emb.shape[1] - max(a, b)
             firsts.append(emb[row[x], a:a + length])
             seconds.append(emb[row[y], b:b + length])
+            if concept_tokens and concept:
+                span = [p for p in _span(enc.input_ids[row[x]].tolist(), tok(concept[0]).input_ids[1:-1]) if p < a]
+                if span:
+                    firsts.append(emb[row[x], span])
+                    seconds.append(emb[row[y], [min(p, b) for p in span]])
     return torch.cat(firsts), torch.cat(seconds)
 
 
@@ -90,11 +109,11 @@ class Sums:
     tt: torch.Tensor
 
 
-def sums(pipe, pairs: list[tuple[str, str]], push: float, d: int) -> Sums:
+def sums(pipe, pairs: list[tuple], push: float, d: int, concept_tokens: bool = False) -> Sums:
     """The sums for prompts c and their guides g, with targets t = (1 + push) g - push c, a chunk at a time."""
     out = Sums(*(torch.zeros(d, d, dtype=torch.float64) for _ in range(3)))
     for k in range(0, len(pairs), CHUNK):
-        c, g = aligned(pipe, pairs[k:k + CHUNK])
+        c, g = aligned(pipe, pairs[k:k + CHUNK], concept_tokens)
         if c.shape[1] != d:
             raise EraseError(f"text embeddings have {c.shape[1]} dimensions, the cross-attention reads {d}")
         t = (1 + push) * g - push * c
@@ -146,8 +165,9 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
 
     # Token embeddings of the erase prompts (with their guides) and the preserve prompts, as sums
     erase_prompts, preserve_prompts = prompts(cfg)
-    e = sums(pipe, erase_prompts, cfg.push, d)
-    preserve = sums(pipe, [(p, p) for p in preserve_prompts], 0.0, d).cc
+    spans = cfg.align == "concept"
+    e = sums(pipe, erase_prompts, cfg.push, d, spans)
+    preserve = sums(pipe, preserve_prompts, 0.0, d, spans).cc
     s = sum(w.T @ w for w in weights.values())
     before = residual(torch.eye(d, dtype=torch.float64), s, e)
 

@@ -22,7 +22,7 @@ from esd import sample
 from esd.toy import world
 from esd.toy.judge import HEADS, Judge
 
-EVAL_STEPS = 25
+EVAL_STEPS = 20
 EVAL_GUIDANCE = 5.0
 COLORS_PER_PAIR = 3
 

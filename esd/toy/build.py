@@ -57,12 +57,12 @@ def closed_form_defaults() -> dict:
             for i, a in enumerate(world.PRESERVE_ARTISTS) for t in visible]
     return {"templates": {"style": style, "object": obj},
             "preserve": {"style": list(world.PRESERVE_ARTISTS), "object": list(world.PRESERVE_SHAPES)},
-            "push": {"style": 0.0, "object": 1.0}}
+            "push": {"style": 0.0, "object": 0.3}}
 
 
 def erase_defaults() -> dict:
     cf = closed_form_defaults()
-    return ESD_DEFAULTS | {"uce": cf, "uce-robust": cf}
+    return ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust")}
 
 
 # The noise schedule of Stable Diffusion 1.x.

@@ -162,3 +162,21 @@ def test_delta_is_kept_in_the_bases_storage_dtype(tmp_path):
     fresh = load_pipeline(half)
     delta_lib.apply(fresh.unet, d)
     assert_same_unet(fresh.unet, pipe.unet)
+
+
+def test_align_concept_also_edits_the_concepts_own_tokens(tiny_sd):
+    """A concept at the start of a prompt: UCE's own alignment (final word on) never targets its token; with
+    align="concept" that token's keys/values land on the guide's token at the same position."""
+    template = ["{concept} on a table"]
+    old = weights(dict(load_pipeline(tiny_sd).unet.named_parameters()))
+    pipe = load_pipeline(tiny_sd)
+    c, g = uce.aligned(pipe, [("circle on a table", "on a table", "circle")], concept_tokens=True)
+    plain, _ = uce.aligned(pipe, [("circle on a table", "on a table")])
+    assert len(c) > len(plain)             # the concept's token rows come on top of UCE's
+    c1, g1 = c[-1:], g[-1:]
+    errors = {}
+    for align in ("final", "concept"):
+        new = weights(erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce", templates=template,
+                                                                align=align), progress=False).tensors)
+        errors[align] = error(new, old, c1, g1)
+    assert errors["concept"] < errors["final"] / 5

@@ -23,10 +23,6 @@ def platform(tmp_path_factory):
 
     saved = dict(os.environ)
     os.environ["ESD_EVAL_ATTACK"] = "false"
-    # The toy's default style erasure measures ~17% residual and ~94% preservation on the full judged table,
-    # just outside the strict default gate; these tests exercise the promoted path, so the style gate is
-    # relaxed here (the held path is tested in tests/esd/test_erase_toy.py).
-    os.environ["ESD_GATE_STYLE"] = '{"max_concept_rate": 0.3, "min_preservation": 0.85}'
     with local_stack(tmp_path_factory.mktemp("platform")) as settings:
         # The CLI and the flows read Settings() from the environment: point it at this stack.
         os.environ.update(settings.to_env() | settings.prefect_env())
@@ -63,7 +59,8 @@ def test_takedown_registers_promotes_and_records(platform):
     assert versions[1]["request_ids"] == ["req-vela-1"] and "production" in versions[1]["aliases"]
     # the request's MLflow run carries the metrics and the before/after grid
     run = store.mlflow().get_run(req["run_id"])
-    assert run.data.metrics["rate.Vela_Moreau"] <= 0.3 and "h_score" in run.data.metrics
+    # promoted under the default style gate: at most 10% of her images still in her style
+    assert run.data.metrics["rate.Vela_Moreau"] <= 0.1 and "h_score" in run.data.metrics
     assert any(a.path.startswith("grids") for a in store.mlflow().list_artifacts(req["run_id"], "grids"))
     from flows.deploy import prefect_api
     with prefect_api(platform.prefect_api), get_client(sync_client=True) as client:
