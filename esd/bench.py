@@ -22,20 +22,21 @@ def concept_kind(concept: str) -> str:
     return "style" if attr[0] == "style" else "object"
 
 
-def quality_methods(names: list[str] | None = None) -> list[str]:
-    """The methods a quality run compares: the table's benchmarked rows, "default" for each kind's default."""
+def quality_runs(methods: list[str] | None, concepts: list[str]) -> list[tuple[str, str]]:
+    """(method, concept) pairs: every named method on every concept; "default" pairs each concept with its
+    kind's default; none named: the table's benchmarked methods."""
     from esd import methods as methods_lib
 
-    if not names:
-        return [m.name for m in methods_lib.METHODS.values() if m.benchmarked]
-    out: list[str] = []
+    names = methods or [m.name for m in methods_lib.METHODS.values() if m.benchmarked]
+    runs: list[tuple[str, str]] = []
     for name in names:
-        picked = sorted(set(methods_lib.DEFAULT_BY_KIND[k] for k in ("style", "object"))) if name == "default" else [name]
-        for m in picked:
-            methods_lib.get(m)
-            if m not in out:
-                out.append(m)
-    return out
+        if name != "default":
+            methods_lib.get(name)
+        for concept in concepts:
+            method = methods_lib.DEFAULT_BY_KIND[concept_kind(concept)] if name == "default" else name
+            if (method, concept) not in runs:
+                runs.append((method, concept))
+    return runs
 
 
 def quality_concepts(names: list[str] | None = None) -> list[str]:
@@ -75,7 +76,8 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     from esd.evaluate import report as report_lib
     from esd.toy import probes
 
-    methods, concepts = quality_methods(methods), quality_concepts(concepts)
+    concepts = quality_concepts(concepts)
+    runs = quality_runs(methods, concepts)
     judge = Judge.load(judge_dir)
     t0 = time.time()
     base = toy_eval.judge_model(load_pipeline(base_dir), judge, progress=progress)
@@ -83,7 +85,6 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     log(f"base judged in {time.time() - t0:.0f}s")
     result = {"base": toy_eval.base_summary(base), "base_judge_agreement": base_probe,
               "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": []}
-    runs = [(m, c) for m in methods for c in concepts]
     for method, concept in tqdm(runs, desc="quality", disable=not progress):
         pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, base, concept, method,
                                                                 **(overrides or {}))
@@ -104,9 +105,10 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         if "lookalike" in row:
             row["lookalike_drop"] = base.rate(row["head"], row["lookalike"]) - row["lookalike_rate"]
         result["erasures"].append(row)
-        log(f"{concept} ({method}): UA {row['ua']:.1%} IRA {row['ira']:.1%} CRA {row['cra']:.1%} "
-            f"attack {'-' if attack_rate is None else f'{attack_rate:.1%}'}; erased in {erase_s:.1f}s, "
-            f"judged in {eval_s:.0f}s")
+        log(f"{concept} ({method}): UA {row['ua']:.1%} IRA {row['ira']:.1%} (all {row['ira_all']:.1%}) CRA "
+            f"{row['cra']:.1%} look-alike drop {row.get('lookalike_drop') or 0:+.1%} attack "
+            f"{'-' if attack_rate is None else f'{attack_rate:.1%}'} judge~probe {row['judge_agreement']:.1%}; "
+            f"erased in {erase_s:.1f}s, judged in {eval_s:.0f}s")
     result["summary"] = summarize(result["erasures"])
     if reference:
         pipe = load_pipeline(base_dir)

@@ -133,7 +133,8 @@ def test_closed_form_settings_are_refused_for_esd_and_resolved_for_uce():
     robust = EraseConfig(["circle"], method="uce-robust").resolve(base)
     assert (robust.rounds, robust.preserve_scale, robust.guide) == (2, 3.0, "")
     assert uce.prompts(EraseConfig(["circle"], method="uce", templates=["a {concept} in red"], preserve=["square"])
-                       .resolve()) == ([("a circle in red", "a in red")], ["a square in red"])
+                       .resolve()) == ([("a circle in red", "a in red", "circle")],
+                                       [("a square in red", "a square in red", "square")])
     esd = EraseConfig(["circle"], method="esd-x").resolve(base)
     assert esd.templates is None and esd.lamb is None and "templates" not in esd.used()
 
