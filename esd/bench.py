@@ -48,8 +48,8 @@ def quality_concepts(names: list[str] | None = None) -> list[str]:
     return concepts
 
 
-def _erase_and_judge(base_dir: Path, judge: Judge, base: toy_eval.Judged, concept: str, method: str,
-                     parent=None, progress: bool = False, **overrides):
+def _erase_and_judge(base_dir: Path, judge: Judge, concept: str, method: str, parent=None, progress: bool = False,
+                     **overrides):
     pipe = load_pipeline(base_dir)
     t0 = time.time()
     delta = erase(pipe, EraseConfig([concept], method=method, concept_kind=concept_kind(concept), **overrides),
@@ -86,7 +86,7 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     result = {"base": toy_eval.base_summary(base), "base_judge_agreement": base_probe,
               "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": []}
     for method, concept in tqdm(runs, desc="quality", disable=not progress):
-        pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, base, concept, method,
+        pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, concept, method,
                                                                 **(overrides or {}))
         row = toy_eval.unlearning(judged, concept)
         agreement = probes.agreement(judged.pred, probes.probe(judged.images))
@@ -118,7 +118,7 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         result["reference_erase_seconds"] = time.time() - t0
         log(f"reference-mode esd-x erasure of Vela Moreau: {result['reference_erase_seconds']:.0f}s")
     if stacked:
-        result["stacked"] = stack(base_dir, judge, base, STACK_ORDER, progress, log)
+        result["stacked"] = stack(base_dir, judge, STACK_ORDER, progress, log)
     return result
 
 
@@ -142,16 +142,20 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def stack(base_dir: Path, judge: Judge, base: toy_eval.Judged, order: list[str], progress: bool, log) -> dict:
+def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log) -> dict:
     """Takedowns in a row on one lineage, each with its kind's default method; then every erased concept's UA and
     the untouched concepts' IRA and CRA."""
     from esd import methods as methods_lib
 
     parent = None
     for concept in order:
-        method = methods_lib.DEFAULT_BY_KIND[concept_kind(concept)]
-        pipe, parent, judged, erase_s, _ = _erase_and_judge(base_dir, judge, base, concept, method, parent, progress)
-        log(f"stacked {concept} ({method}) in {erase_s:.1f}s")
+        kind = concept_kind(concept)
+        method = methods_lib.DEFAULT_BY_KIND[kind]
+        pipe = load_pipeline(base_dir)
+        t0 = time.time()
+        parent = erase(pipe, EraseConfig([concept], method=method, concept_kind=kind), parent=parent, progress=progress)
+        log(f"stacked {concept} ({method}) in {time.time() - t0:.1f}s")
+    judged = toy_eval.judge_model(pipe, judge)   # the last version carries every erasure before it
     out = {"order": order, "erased": {}, "untouched": {}}
     for concept in order:
         r = toy_eval.unlearning(judged, concept)
