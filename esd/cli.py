@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import typer
+from rich.console import Console
+from rich.table import Table
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from esd.errors import first_line  # noqa: E402
+from infra.errors import errors_as_one_line, fail, first_line
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Erase concepts from Stable Diffusion models.")
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world.")
@@ -26,12 +23,18 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+class Mode(str, Enum):
+    fast = "fast"
+    reference = "reference"
 
 
-def _engine_errors() -> tuple[type[BaseException], ...]:
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def engine_errors() -> tuple[type[BaseException], ...]:
     from esd.delta import DeltaError
     from esd.erase import EraseError
     from esd.evaluate.real import PromptFileError
@@ -41,26 +44,18 @@ def _engine_errors() -> tuple[type[BaseException], ...]:
     return EraseError, MethodError, ModelError, DeltaError, PromptFileError, FileNotFoundError
 
 
-def errors_as_one_line(known=lambda: ()):
-    """A decorator: the engine's errors, and those `known()` names, become one line on stderr and exit 1."""
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except _engine_errors() + tuple(known()) as exc:
-                fail(first_line(exc))
-        return wrapper
-    return decorate
+one_line_errors = errors_as_one_line(engine_errors)
 
 
-one_line_errors = errors_as_one_line()
+def home() -> Path:
+    """ESD_HOME (default ./.esd): where default output folders go."""
+    return Path(os.environ.get("ESD_HOME", ".esd"))
 
 
 @app.command("methods")
 @one_line_errors
 def methods_cmd(base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
-                as_json: bool = typer.Option(False, "--json")):
+                as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """List erasure methods and how many UNet parameters each changes on a base."""
     from esd import methods
     from esd.models import load_pipeline
@@ -81,19 +76,24 @@ def methods_cmd(base: Path = typer.Option(None, help="diffusers folder (default:
 
 
 @toy_app.command("build")
-def toy_build(out: Path = typer.Option(Path(".esd/toy"), help="output folder (base/, judge/, build.json)"),
-              seed: int = 0, unet_steps: Optional[int] = None, vae_steps: Optional[int] = None,
-              judge_steps: Optional[int] = None, images_per_combo: Optional[int] = None):
-    """Build the toy base model and its judge from scratch (about 25 minutes on 2 CPU cores)."""
+@one_line_errors
+def toy_build(out: Optional[Path] = typer.Option(None, help="output folder: base/, judge/, build.json "
+                                                               "(default: ESD_HOME/toy)"),
+              seed: int = typer.Option(0, help="seed of data, weights and order"),
+              unet_steps: Optional[int] = typer.Option(None, min=1, help="UNet training steps (default: the build's)"),
+              vae_steps: Optional[int] = typer.Option(None, min=1, help="VAE training steps"),
+              judge_steps: Optional[int] = typer.Option(None, min=1, help="judge training steps"),
+              images_per_combo: Optional[int] = typer.Option(None, min=1, help="rendered images per concept "
+                                                                               "combination")):
+    """Build the toy base model and its judge from scratch (about an hour on 2 CPU cores)."""
     from esd.toy.build import BuildConfig, build
 
     cfg = BuildConfig(seed=seed)
     for name, value in dict(unet_steps=unet_steps, vae_steps=vae_steps, judge_steps=judge_steps,
                             images_per_combo=images_per_combo).items():
         if value is not None:
-            if value <= 0:
-                fail(f"{name.replace('_', '-')} must be > 0")
             setattr(cfg, name, value)
+    out = out or home() / "toy"
     info = build(out, cfg, log=console.print)
     console.print(f"built in {info['seconds']:.0f}s: {out / 'base'} and {out / 'judge'}")
 
@@ -101,16 +101,28 @@ def toy_build(out: Path = typer.Option(Path(".esd/toy"), help="output folder (ba
 @app.command("erase")
 @one_line_errors
 def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to erase, e.g. 'Vela Moreau'"),
-              method: str = "esd-x", iterations: Optional[int] = None, lr: Optional[float] = None,
-              eta: Optional[float] = typer.Option(None, help="negative guidance (paper: 1.0; the base may set its own)"),
-              ddim_steps: int = 50, guidance: float = 3.0, seed: int = 0, anchor: Optional[str] = None,
-              mode: str = "fast", sample_steps: Optional[int] = typer.Option(None, help="fast: DDIM jumps to x_t"),
-              precision: str = "auto", gradient_checkpointing: bool = False,
+              method: str = typer.Option("esd-x", help="a row of `esd methods`"),
+              concept_kind: Optional[str] = typer.Option(None, help="style | object | nudity | custom: the kind's "
+                                                                    "defaults for the method"),
+              iterations: Optional[int] = typer.Option(None, help="ESD: training iterations"),
+              lr: Optional[float] = typer.Option(None, help="ESD: learning rate"),
+              eta: Optional[float] = typer.Option(None, help="ESD: negative guidance (paper: 1.0; the base may set its own)"),
+              ddim_steps: int = typer.Option(50, min=1, help="ESD: DDIM steps of the schedule x_t is drawn from"),
+              guidance: float = typer.Option(3.0, help="ESD: guidance while sampling x_t"),
+              seed: int = typer.Option(0, help="seed of every random draw"),
+              anchor: Optional[str] = typer.Option(None, help="ESD: map the concept onto this one instead of nothing"),
+              mode: Mode = typer.Option(Mode.fast, help="ESD loop: fast, or reference (the paper's, step by step)"),
+              sample_steps: Optional[int] = typer.Option(None, min=1, help="fast: DDIM jumps to x_t"),
+              precision: Precision = typer.Option(Precision.auto, help="ESD: fp32, bf16 autocast, or auto"),
+              gradient_checkpointing: bool = typer.Option(False, help="ESD: trade compute for memory"),
               template: Optional[list[str]] = typer.Option(None, help="closed-form: a prompt with {concept}; repeat"),
               preserve: Optional[list[str]] = typer.Option(None, help="closed-form: a concept to keep; repeat"),
               guide: Optional[str] = typer.Option(None, help="closed-form: what the concept maps onto (default: nothing)"),
-              erase_scale: Optional[float] = None, preserve_scale: Optional[float] = None,
-              lamb: Optional[float] = None, push: Optional[float] = None, rounds: Optional[int] = None,
+              erase_scale: Optional[float] = typer.Option(None, help="closed-form: weight of the erased prompts"),
+              preserve_scale: Optional[float] = typer.Option(None, help="closed-form: weight of the kept prompts"),
+              lamb: Optional[float] = typer.Option(None, help="closed-form: pull towards the original weights"),
+              push: Optional[float] = typer.Option(None, help="closed-form: push away from the concept (0: none)"),
+              rounds: Optional[int] = typer.Option(None, min=0, help="closed-form robust: rounds of recovered prompts"),
               base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
               out: Path = typer.Option(..., help="folder for delta.safetensors + manifest.json")):
     """Erase concepts from a base model and write the delta checkpoint."""
@@ -119,9 +131,10 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
     from esd.models import load_pipeline
     from esd.toy import BASE_DIR
 
+    kind = {"concept_kind": concept_kind} if concept_kind else {}
     cfg = EraseConfig(list(concepts), method=method, iterations=iterations, lr=lr, eta=eta, ddim_steps=ddim_steps,
-                      guidance=guidance, seed=seed, anchor=anchor, mode=mode, sample_steps=sample_steps,
-                      precision=precision, gradient_checkpointing=gradient_checkpointing, templates=template or None,
+                      guidance=guidance, seed=seed, anchor=anchor, mode=mode.value, sample_steps=sample_steps,
+                      precision=precision.value, **kind, gradient_checkpointing=gradient_checkpointing, templates=template or None,
                       preserve=preserve or None, guide=guide, erase_scale=erase_scale, preserve_scale=preserve_scale,
                       lamb=lamb, push=push, rounds=rounds).validate()
     pipe = load_pipeline(base or BASE_DIR)
@@ -146,7 +159,7 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
     def split(text):
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
-    out = out or Path(os.environ.get("ESD_HOME", ".esd")) / "bench"
+    out = out or home() / "bench"
     try:
         result = quality(out_dir=out, methods=split(methods), concepts=split(concepts), attack=attack, stacked=stacked,
                          reference=reference, progress=not as_json,
@@ -199,15 +212,23 @@ UNLEARNCANVAS = {
 
 
 @bench_app.command("speed")
-def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: int = 8, mid_iterations: int = 4,
-                configs: str = "toy,mid", erasure: bool = typer.Option(True, help="also erase in both modes (toy)"),
-                sample_steps: Optional[int] = typer.Option(None, help="fast mode's DDIM jumps to x_t (default: the "
-                                                                      "base's, else FAST_SAMPLE_STEPS)"),
-                erasure_seeds: int = typer.Option(3, help="seeds per mode in the erasure check")):
+@one_line_errors
+def bench_speed(as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                toy_iterations: int = typer.Option(8, min=1, help="timed iterations on the toy UNet"),
+                mid_iterations: int = typer.Option(4, min=1, help="timed iterations on the mid-size UNet"),
+                configs: str = typer.Option("toy,mid", help="comma-separated UNet sizes: toy, mid"),
+                erasure: bool = typer.Option(True, help="also erase in both modes (toy)"),
+                sample_steps: Optional[int] = typer.Option(None, min=1, help="fast mode's DDIM jumps to x_t (default: "
+                                                                             "the base's, else FAST_SAMPLE_STEPS)"),
+                erasure_seeds: int = typer.Option(3, min=1, help="seeds per mode in the erasure check")):
     """Reference vs fast ESD loop: median s/iteration, peak memory, ratios; checkpoint bytes per method."""
-    from esd.bench import speed
+    from esd.bench import SPEED_CONFIGS, speed
 
-    result = speed(configs=[c.strip() for c in configs.split(",")],
+    chosen = [c.strip() for c in configs.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in SPEED_CONFIGS]
+    if unknown or not chosen:
+        fail(f"unknown config {unknown[0] if unknown else configs!r}; choose from: {', '.join(SPEED_CONFIGS)}")
+    result = speed(configs=chosen,
                    iterations={"toy": toy_iterations, "mid": mid_iterations},
                    log=(lambda *a: None) if as_json else console.print, erasure_check=erasure,
                    sample_steps=sample_steps, erasure_seeds=erasure_seeds)
@@ -238,11 +259,14 @@ def bench_speed(as_json: bool = typer.Option(False, "--json"), toy_iterations: i
 
 
 @bench_app.command("speed-run", hidden=True)
-def bench_speed_run(config: str, method: str, mode: str, iterations: int = 4, sample_steps: Optional[int] = None):
+@one_line_errors
+def bench_speed_run(config: str, method: str, mode: Mode,
+                    iterations: int = typer.Option(4, min=1, help="timed iterations"),
+                    sample_steps: Optional[int] = typer.Option(None, min=1, help="fast mode's DDIM jumps to x_t")):
     """One speed measurement in this process (used by `esd bench speed`)."""
     from esd.bench import speed_run
 
-    typer.echo(json.dumps(speed_run(config, method, mode, iterations, sample_steps=sample_steps), default=str))
+    typer.echo(json.dumps(speed_run(config, method, mode.value, iterations, sample_steps=sample_steps), default=str))
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_bytes, save as save_bytes
 
-from esd.errors import first_line
+from infra.errors import first_line
 
 FORMAT = "esd-delta/2"
 # Not ".gz": servers label a .gz download Content-Encoding gzip and HTTP clients then unpack it on the way,

@@ -70,7 +70,8 @@ def validate_concept(text: str, what: str = "concept") -> str:
     return text.strip()
 
 
-def _normal(text: str) -> str:
+def normal_concept(text: str) -> str:
+    """A concept as compared: whitespace collapsed, case folded."""
     return " ".join(text.split()).casefold()
 
 
@@ -144,8 +145,8 @@ class EraseConfig:
         if method.kind == "closed-form":
             if self.preserve is None and own.get("preserve"):
                 # a default preservation set never holds the concept being erased
-                erased = {_normal(c) for c in self.concepts}
-                own["preserve"] = [p for p in own["preserve"] if _normal(p) not in erased]
+                erased = {normal_concept(c) for c in self.concepts}
+                own["preserve"] = [p for p in own["preserve"] if normal_concept(p) not in erased]
             for name, value in (CLOSED_FORM_DEFAULTS | method.defaults | own).items():
                 if getattr(self, name, None) is None and name in CLOSED_FORM_ONLY:
                     setattr(self, name, value)
@@ -193,9 +194,9 @@ class EraseConfig:
             if len(self.preserve) > MAX_PRESERVE:
                 raise EraseError(f"{len(self.preserve)} preserve concepts; the limit is {MAX_PRESERVE}")
             self.preserve = [validate_concept(p, "preserve concept") for p in self.preserve]
-            erased = {_normal(c) for c in self.concepts}
+            erased = {normal_concept(c) for c in self.concepts}
             for p in self.preserve:
-                if _normal(p) in erased:
+                if normal_concept(p) in erased:
                     raise EraseError(f"preserve contains {p!r}, a concept being erased")
         if self.align is not None and self.align not in ("final", "concept"):
             raise EraseError(f"unknown align {self.align!r}; choose final or concept")
@@ -283,7 +284,7 @@ def finish_delta(unet: torch.nn.Module, cfg: EraseConfig, base_sha256: str, base
     with torch.no_grad():
         for k in keys:
             state[k].copy_(state[k].to(dtype))
-    this = {"concepts": cfg.concepts, "method": cfg.method, "anchor": cfg.anchor}
+    this = {"concepts": cfg.concepts, "method": cfg.method, "anchor": cfg.anchor, "hyperparameters": cfg.used()}
     earlier = list((parent_manifest or {}).get("erasures", []))
     manifest = {
         "base_sha256": base_sha256,

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
-from esd.errors import first_line
+from infra.errors import first_line
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
-
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
+# Every load is local_files_only: the engine never reaches a hub, whatever HF_HUB_OFFLINE says.
 diffusers_logging.set_verbosity_error()
+transformers_logging.set_verbosity_error()
 # Loading a local folder takes a second; the libraries' loading bars would only bury our own progress.
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()

@@ -29,6 +29,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_ST
     return torch.cat(out) if out else torch.empty(0)
 
 
+def to_uint8(images: torch.Tensor):
+    """(N, 3, H, W) in [0, 1] -> uint8 numpy (N, H, W, 3), as image files and the served model give them."""
+    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def grid(rows: list[torch.Tensor], scale: int = 4) -> Image.Image:
     """A picture grid: rows of (N, 3, H, W) images in [0, 1], each image enlarged scale times."""
     h, w = rows[0].shape[-2:]

@@ -33,6 +33,7 @@ are rounded to the base's storage dtype, so base + delta is exactly the edited m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
 from esd import methods
-from esd.erase import EraseConfig, EraseError, delta_dtype, encode, finish_delta, model_defaults, start_from
+from esd.erase import (EraseConfig, EraseError, delta_dtype, encode, finish_delta, model_defaults, normal_concept,
+                       start_from)
 
 CHUNK = 64   # prompts per text-encoder batch
 
@@ -123,12 +125,58 @@ def sums(pipe, pairs: list[tuple], push: float, d: int, concept_tokens: bool = F
     return out
 
 
-def solve(cfg: EraseConfig, tc: torch.Tensor, cc: torch.Tensor, preserve: torch.Tensor) -> torch.Tensor:
-    """UCE, Eq. 7, with W factored out: M such that W_new = W M for every projection."""
+def solve(lamb: float, tc: torch.Tensor, cc: torch.Tensor, preserve: torch.Tensor) -> torch.Tensor:
+    """UCE, Eq. 7, with W factored out: M such that W_new = W M for every projection (sums already scaled)."""
     eye = torch.eye(len(cc), dtype=torch.float64)
-    a = cfg.lamb * eye + cfg.erase_scale * tc + cfg.preserve_scale * preserve
-    b = cfg.lamb * eye + cfg.erase_scale * cc + cfg.preserve_scale * preserve
-    return torch.linalg.solve(b.T, a.T).T          # a b^-1
+    return torch.linalg.solve((lamb * eye + cc + preserve).T, (lamb * eye + tc + preserve).T).T   # a b^-1
+
+
+def names(text: str, concepts: set[str]) -> bool:
+    """Whether the text names any of the (normalised) concepts as whole words."""
+    text = normal_concept(text)
+    return any(re.search(rf"(?<!\w){re.escape(c)}(?!\w)", text) for c in concepts)
+
+
+def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]:
+    """The scaled sums of erasures solved together: each one's erase prompts (with their guides, its push and erase
+    scale), and the union of their preserve prompts (each once, at the scale of the first erasure that names it).
+    A prompt that names a concept another of them erases is left out: its guide or its preservation would hold on
+    to what that one removes (a style's guide "a red circle" against the erasure of circle)."""
+    erased = {normal_concept(c) for cfg in configs for c in cfg.concepts}
+    e = Sums(*(torch.zeros(d, d, dtype=torch.float64) for _ in range(3)))
+    kept: dict[tuple, tuple[float, bool]] = {}
+    for cfg in configs:
+        erase_prompts, preserve_prompts = prompts(cfg)
+        others = erased - {normal_concept(c) for c in cfg.concepts}
+        erase_prompts = [p for p in erase_prompts if not names(p[0], others) and not names(p[1], others)]
+        if not erase_prompts:
+            raise EraseError(f"every prompt erasing {', '.join(cfg.concepts)} names another erased concept; "
+                             "give templates that do not")
+        one = sums(pipe, erase_prompts, cfg.push, d, cfg.align == "concept")
+        e = Sums(e.tc + cfg.erase_scale * one.tc, e.cc + cfg.erase_scale * one.cc, e.tt + cfg.erase_scale * one.tt)
+        for p in preserve_prompts:
+            if not names(p[0], erased):
+                kept.setdefault(p, (cfg.preserve_scale, cfg.align == "concept"))
+    preserve = torch.zeros(d, d, dtype=torch.float64)
+    for scale, spans in set(kept.values()):
+        group = [p for p, key in kept.items() if key == (scale, spans)]
+        preserve += scale * sums(pipe, group, 0.0, d, spans).cc
+    return e, preserve
+
+
+def lineage_configs(parent: delta_lib.Delta | None) -> list[EraseConfig] | None:
+    """The closed-form erasures a parent delta was made of, as configs, so that a new one re-solves them all from the
+    base at once; None when the parent holds another kind of erasure (the new edit then starts from its weights)."""
+    if parent is None:
+        return []
+    configs = []
+    for e in parent.manifest.get("erasures", []):
+        hp = e.get("hyperparameters")
+        if hp is None or methods.get(e["method"]).kind != "closed-form":
+            return None
+        known = {k: v for k, v in hp.items() if k in EraseConfig.__dataclass_fields__ and k != "concepts"}
+        configs.append(EraseConfig(list(e["concepts"]), **(known | {"method": e["method"]})))
+    return configs
 
 
 def recovered(m: torch.Tensor, s: torch.Tensor, reg: float) -> torch.Tensor:
@@ -156,18 +204,20 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
     params = methods.select(unet, cfg.method)
     for n, p in params.items():
         base_state.setdefault(n, p.detach().clone())
-    # The weights the edit starts from (the parent's, if any): targets are their values, in float64
-    weights = {n: p.detach().to("cpu", torch.float64) for n, p in params.items()}
+    # Erasures stack by solving again, from the base weights, for every closed-form erasure of the lineage at once:
+    # composing one solve on top of another would carry each edit's drift into the next (measured: one style then
+    # one shape takes the untouched artists to 0%). Otherwise the edit starts from the parent's weights.
+    earlier = lineage_configs(parent)
+    joint = earlier is not None
+    start = {n: (base_state[n] if joint else p.detach()) for n, p in params.items()}
+    weights = {n: w.to("cpu", torch.float64) for n, w in start.items()}
     d = {w.shape[1] for w in weights.values()}
     if len(d) != 1:
         raise EraseError(f"the cross-attention projections read inputs of different sizes: {sorted(d)}")
     d = d.pop()
 
-    # Token embeddings of the erase prompts (with their guides) and the preserve prompts, as sums
-    erase_prompts, preserve_prompts = prompts(cfg)
-    spans = cfg.align == "concept"
-    e = sums(pipe, erase_prompts, cfg.push, d, spans)
-    preserve = sums(pipe, preserve_prompts, 0.0, d, spans).cc
+    # Token embeddings of the erase prompts (with their guides) and the preserve prompts, as scaled sums
+    e, preserve = terms(pipe, (earlier or []) + [cfg], d)
     s = sum(w.T @ w for w in weights.values())
     before = residual(torch.eye(d, dtype=torch.float64), s, e)
 
@@ -175,7 +225,7 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
     bar = tqdm(range(cfg.rounds + 1), desc=f"{cfg.method} {', '.join(cfg.concepts)}", disable=not progress)
     for r in bar:
         # Solve for every projection at once (UCE, Eq. 7)
-        m = solve(cfg, tc, cc, preserve)
+        m = solve(cfg.lamb, tc, cc, preserve)
         loss = residual(m, s, e) / before if before > 0 else 0.0
         bar.set_postfix(residual=f"{loss:.5f}")
         if callback is not None:

@@ -1,86 +1,78 @@
-"""`esd`: the platform's command line. Engine commands (esd.cli), the stack, the registry, requests and demo.
-
-Errors are one line on stderr with exit status 1; nothing is filed or moved when input is refused.
+"""`esd`: the command line, assembled here by calling each layer's pieces (engine, platform, registry, stack);
+nothing is wired by an import's side effect. Errors are one line on stderr with exit status 1; nothing is filed
+or moved when input is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
-from esd.cli import app, errors_as_one_line, fail
-from infra import stack
-from infra.cli import stack_app
-from infra.settings import Settings
-from registry.cli import AFTER_PROMOTE, base_app, model_app
+from flows.platform import Platform
+from infra.errors import errors_as_one_line, fail
+from infra.settings import Settings, actor as actor_name
 
 console = Console()
-# Prefect reads its API address from the environment: set it before any client exists, so no command ever
-# falls back to a temporary server of its own.
-for _k, _v in Settings().prefect_env().items():
-    os.environ.setdefault(_k, _v)
-request_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Takedown requests.")
-app.add_typer(stack_app, name="stack")
-app.add_typer(model_app, name="model")
-app.add_typer(base_app, name="base")
-app.add_typer(request_app, name="request")
-
 DEMO_CONCEPT = "Vela Moreau"
+ENGINE, PLATFORM, REGISTRY, STACK = "Engine", "Platform", "Registry", "Stack"
+AS_JSON = typer.Option(False, "--json", help="print JSON")
 
 
-def _prefect_env() -> Settings:
-    s = Settings()
-    os.environ.update(s.prefect_env())
-    return s
+class Kind(str, Enum):
+    style = "style"
+    object = "object"
+    nudity = "nudity"
+    custom = "custom"
 
 
-def _deploy(s: Settings) -> None:
-    from flows.deploy import deploy_all, prefect_api
-
-    with prefect_api(s.prefect_api):
-        deploy_all(s.retrain_cron, s.retrain_model, s.work_pool)
-
-
-stack.POST_UP.append(_deploy)
-
-
-def _requests_follow(name: str, version: int) -> None:
-    from flows.ops import requests_follow
-
-    requests_follow(name, version)
+class Status(str, Enum):
+    received = "received"
+    running = "running"
+    candidate = "candidate"
+    promoted = "promoted"
+    held = "held"
+    failed = "failed"
+    withdrawn = "withdrawn"
 
 
-AFTER_PROMOTE.append(_requests_follow)
-
-
-def _platform_errors() -> tuple[type[BaseException], ...]:
-    from flows.ops import OperationError
+def platform_errors() -> tuple[type[BaseException], ...]:
     from flows.requests import RequestError
-    from registry.cli import _registry_errors
+    from infra.errors import ReasonRequired
+    from infra.stack import StackError
+    from registry.cli import registry_errors
 
-    return (RequestError, OperationError, stack.StackError) + _registry_errors()
+    return (RequestError, StackError, ReasonRequired) + registry_errors()
 
 
-platform_errors = errors_as_one_line(_platform_errors)
+one_line_errors = errors_as_one_line(platform_errors)
 
 
-def _require_stack(s: Settings) -> None:
-    down = [r.name for r in stack.status(s) if not r.up]
+def running_platform(needs: str = "registry") -> Platform:
+    """The platform of the current settings, once the services it needs answer: "registry" (S3 and MLflow) for
+    records, versions and aliases; "all" (Prefect too) to start runs."""
+    from infra import stack
+
+    s = Settings()
+    down = [r.name for r in stack.status(s, None if needs == "all" else stack.REGISTRY) if not r.up]
     if down:
         raise stack.StackError(f"not running: {', '.join(down)}; start them with `esd stack up`")
+    return Platform(s)
 
 
 # --- base -----------------------------------------------------------------------------------------------------
 
-@base_app.command("build-toy")
-@platform_errors
-def base_build_toy(name: str = "toy-sd", rebuild: bool = typer.Option(False, help="train from scratch first")):
+@one_line_errors
+def base_build_toy(name: str = typer.Option("toy-sd", help="registered model name"),
+                   rebuild: bool = typer.Option(False, help="train the toy from scratch first (about an hour)")):
     """Register the toy base as version 1 of NAME (and make it production), reusing the committed build."""
     from esd.toy import BASE_DIR
 
@@ -91,43 +83,51 @@ def base_build_toy(name: str = "toy-sd", rebuild: bool = typer.Option(False, hel
         out = Settings().home / "toy"
         build(out, log=console.print)
         folder = out / "base"
-    info = ensure_base(name, folder)
+    info = ensure_base(running_platform(), name, folder)
     console.print(f"{name}: base version {info['version']} ({'registered now' if info['new'] else 'already registered'})")
 
 
-def ensure_base(name: str, folder: Path) -> dict:
+def ensure_base(platform: Platform, name: str, folder: Path) -> dict:
     """Register FOLDER as version 1 of NAME unless NAME exists; point production at it if nothing is there."""
-    from registry import aliases
+    from flows import promotion
     from registry.store import RegistryError
     from registry.versions import base_version, import_base
 
-    s = Settings()
-    _require_stack(s)
-    store = s.store()
+    store = platform.store
     try:
         version, new = int(base_version(store, name).version), False
     except RegistryError:
         version, new = int(import_base(store, folder, name)["version"]), True
     if "production" not in (store.mlflow().get_registered_model(name).aliases or {}):
-        aliases.promote(store, name, version, "base line registered", os.environ.get("ESD_ACTOR") or "esd-platform")
+        promotion.promote(platform, name, version, "base line registered", "esd-platform")
     return {"version": version, "new": new}
 
 
 # --- requests -------------------------------------------------------------------------------------------------
 
-@request_app.command("submit")
-@platform_errors
-def request_submit(concept: str, kind: str = typer.Option("style", help="style | object | nudity | custom"),
+def request_app() -> typer.Typer:
+    app = typer.Typer(no_args_is_help=True, add_completion=False, help="Takedown requests.")
+    app.command("submit")(request_submit)
+    app.command("list")(request_list)
+    app.command("show")(request_show)
+    app.command("withdraw")(request_withdraw)
+    return app
+
+
+@one_line_errors
+def request_submit(concept: str = typer.Argument(..., help="the style, object or subject to erase"),
+                   kind: Kind = typer.Option(Kind.style, help="what the concept is; decides the default method and gate"),
                    model: str = typer.Option("toy-sd", help="registered base line"),
                    requester: str = typer.Option("", help="a reference such as a ticket id (no e-mail addresses)"),
-                   method: Optional[str] = typer.Option(None, help="default by kind: style esd-x, others esd-u"),
+                   method: Optional[str] = typer.Option(None, help="erasure method (`esd methods`; default: the "
+                                                                  "kind's default)"),
                    request_id: Optional[str] = typer.Option(None, help="caller's id (e.g. a ticket's); idempotency key"),
                    wait: bool = typer.Option(False, "--wait", help="follow the run until it ends"),
-                   as_json: bool = typer.Option(False, "--json")):
+                   as_json: bool = AS_JSON):
     """File a takedown request and start its Prefect run (once per request id)."""
-    result = submit(concept, kind, model, requester, method, request_id)
+    result = submit(concept, kind.value, model, requester, method, request_id)
     if wait:
-        follow(result["flow_run_id"])
+        follow(result["flow_run_id"], quiet=as_json)
     req = show_request(result["request_id"])
     if as_json:
         typer.echo(json.dumps(req))
@@ -140,7 +140,6 @@ def submit(concept: str, kind: str, model: str, requester: str = "", method: str
     """Validate, file the record, start the takedown deployment with the request id as idempotency key."""
     from prefect.deployments import run_deployment
 
-    from flows import ops
     from flows.deploy import prefect_api
     from flows.requests import Request, RequestError
     from registry.store import RegistryError
@@ -150,47 +149,47 @@ def submit(concept: str, kind: str, model: str, requester: str = "", method: str
     if request_id is not None:
         req.request_id = request_id
     req.validate()
-    s = _prefect_env()
-    _require_stack(s)
+    p = running_platform("all")
     try:
-        base_version(s.store(), model)
+        base_version(p.store, model)
     except RegistryError:
         raise RequestError(f"unknown base model {model!r}; register it first (esd base import / build-toy)") from None
-    reqs = ops.requests()
-    record, _ = reqs.file(req)
+    record, _ = p.requests.file(req)
     if record.concept != req.concept or record.model != req.model:
         raise RequestError(f"request id {req.request_id} is already used by another request ({record.concept!r})")
     try:
-        with prefect_api(s.prefect_api):
+        with prefect_api(p.settings.prefect_api):
             run = run_deployment("takedown/takedown", parameters={"request_id": record.request_id},
                                  idempotency_key=record.request_id, tags=[f"request:{record.request_id}"], timeout=0,
                                  as_subflow=False)
     except Exception as exc:
-        reqs.update(record.request_id, "failed", reason=f"could not start the run: {exc}"[:500])
+        p.requests.update(record.request_id, "failed", reason=f"could not start the run: {exc}"[:500])
         raise
     if record.flow_run_id != str(run.id):
-        reqs.update(record.request_id, flow_run_id=str(run.id))
+        p.requests.update(record.request_id, flow_run_id=str(run.id))
     return {"request_id": record.request_id, "flow_run_id": str(run.id)}
 
 
-def follow(flow_run_id: str, poll: float = 2.0) -> str:
-    """Show the run's task states and latest log line until it ends; returns the final state name."""
+def follow(flow_run_id: str, poll: float = 2.0, quiet: bool = False) -> str:
+    """Show the run's task states and latest log line until it ends (on stderr, so stdout stays for --json);
+    returns the final state name."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
     from flows.deploy import prefect_api
 
+    out = Console(stderr=True, quiet=quiet)
     seen: dict[str, str] = {}
     with prefect_api(Settings().prefect_api), get_client(sync_client=True) as client, \
-            console.status("waiting for a worker") as status:
+            out.status("waiting for a worker") as status:
         while True:
             fr = client.read_flow_run(flow_run_id)
             for tr in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id]))):
                 state = tr.state.name if tr.state else "?"
                 if seen.get(tr.name) != state:
                     seen[tr.name] = state
-                    console.print(f"  {tr.name}: {state}")
+                    out.print(f"  {tr.name}: {state}")
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])), limit=1,
                                     sort=LogSort.TIMESTAMP_DESC)
             status.update(f"{fr.state.name if fr.state else 'pending'}: {logs[0].message[:100] if logs else ''}")
@@ -200,9 +199,7 @@ def follow(flow_run_id: str, poll: float = 2.0) -> str:
 
 
 def show_request(request_id: str) -> dict:
-    from flows import ops
-
-    return vars(ops.requests().require(request_id))
+    return vars(running_platform().requests.require(request_id))
 
 
 def _print_request(r: dict) -> None:
@@ -213,14 +210,11 @@ def _print_request(r: dict) -> None:
         console.print(f"  reason: {r['reason']}")
 
 
-@request_app.command("list")
-@platform_errors
-def request_list(status: Optional[str] = None, as_json: bool = typer.Option(False, "--json")):
+@one_line_errors
+def request_list(status: Optional[Status] = typer.Option(None, help="only requests with this status"),
+                 as_json: bool = AS_JSON):
     """Requests, newest first (from their MLflow records)."""
-    from flows import ops
-
-    _require_stack(Settings())
-    rows = [vars(r) for r in ops.requests().list(status)]
+    rows = [vars(r) for r in running_platform().requests.list(status.value if status else None)]
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -229,11 +223,9 @@ def request_list(status: Optional[str] = None, as_json: bool = typer.Option(Fals
                       f"{r['model']}/{r.get('model_version') or '-'}")
 
 
-@request_app.command("show")
-@platform_errors
-def request_show(request_id: str, as_json: bool = typer.Option(False, "--json")):
+@one_line_errors
+def request_show(request_id: str = typer.Argument(..., help="the request's id"), as_json: bool = AS_JSON):
     """One request: status, model version, gate, Prefect flow run."""
-    _require_stack(Settings())
     r = show_request(request_id)
     if as_json:
         typer.echo(json.dumps(r))
@@ -241,71 +233,84 @@ def request_show(request_id: str, as_json: bool = typer.Option(False, "--json"))
         _print_request(r)
 
 
-@request_app.command("withdraw")
-@platform_errors
-def request_withdraw(request_id: str, reason: str = typer.Option(..., help="why (recorded)"),
-                     actor: Optional[str] = None):
+@one_line_errors
+def request_withdraw(request_id: str = typer.Argument(..., help="the request's id"),
+                     reason: str = typer.Option(..., help="why (recorded)"),
+                     actor: Optional[str] = typer.Option(None, help="who (default: ESD_ACTOR or the local user)")):
     """Withdraw or reject a request: it is excluded from the next retrain."""
-    from flows import ops
+    r = running_platform().requests.withdraw(request_id, reason, actor_name(actor))
+    console.print(f"request {request_id}: {r.status}")
 
-    _require_stack(Settings())
-    r = ops.withdraw(request_id, reason, actor or ops.actor())
-    console.print(f"request {request_id}: {r['status']}")
+
+# --- promotion (the `model promote` and `model rollback` commands) --------------------------------------------
+
+def promote(name: str, version: int, reason: str, actor: str | None, alias: str = "production",
+            force: bool = False) -> dict:
+    from flows import promotion
+
+    return promotion.promote(running_platform(), name, version, reason, actor, alias=alias, force=force)
+
+
+def rollback(name: str, reason: str, actor: str | None, to: int | None = None) -> dict:
+    from flows import promotion
+
+    return promotion.rollback(running_platform(), name, reason, actor, to)
 
 
 # --- operations -----------------------------------------------------------------------------------------------
 
-@app.command("retrain")
-@platform_errors
+@one_line_errors
 def retrain_cmd(now: bool = typer.Option(False, "--now", help="run the retrain deployment now"),
-                model: Optional[str] = None, wait: bool = typer.Option(False, "--wait")):
+                model: Optional[str] = typer.Option(None, help="registered base line (default: ESD_RETRAIN_MODEL)"),
+                wait: bool = typer.Option(False, "--wait", help="follow the run until it ends")):
     """Consolidate every active request into one erasure of the base (also runs on the nightly schedule)."""
     from prefect.deployments import run_deployment
 
-    if not now:
-        fail("retrain runs on its schedule; use --now to run it now")
-    s = _prefect_env()
-    _require_stack(s)
     from flows.deploy import prefect_api
 
-    with prefect_api(s.prefect_api):
-        run = run_deployment("retrain/retrain", parameters={"model": model or s.retrain_model}, timeout=0,
+    if not now:
+        fail("retrain runs on its schedule; use --now to run it now")
+    p = running_platform("all")
+    with prefect_api(p.settings.prefect_api):
+        run = run_deployment("retrain/retrain", parameters={"model": model or p.settings.retrain_model}, timeout=0,
                              as_subflow=False)
     console.print(f"retrain flow run {run.id}")
     if wait:
         console.print(f"finished: {follow(str(run.id))}")
 
 
-@app.command("generate")
-@platform_errors
-def generate_cmd(prompt: str, model: str = typer.Option("toy-sd@production", help="NAME@ALIAS or NAME/VERSION"),
-                 out: Path = typer.Option(Path("out.png"), "-o", "--out"), seed: int = 0, steps: int = 25,
-                 guidance: float = 5.0):
+@one_line_errors
+def generate_cmd(prompt: str = typer.Argument(..., help="the text prompt"),
+                 model: str = typer.Option("toy-sd@production", help="NAME@ALIAS or NAME/VERSION"),
+                 out: Path = typer.Option(Path("out.png"), "-o", "--out", help="PNG file to write"),
+                 seed: int = typer.Option(0, help="seed of the starting noise"),
+                 steps: int = typer.Option(25, min=1, max=1000, help="DDIM steps"),
+                 guidance: float = typer.Option(5.0, help="classifier-free guidance scale")):
     """Generate one image from a registered version."""
     from PIL import Image
 
-    from registry.load import generate, load
+    from esd import sample
+    from registry.load import load
 
-    s = Settings()
-    _require_stack(s)
-    pipe = load(s.store(), model)
-    img = generate(pipe, [prompt], seed=seed, num_inference_steps=steps, guidance_scale=guidance)[0]
+    pipe = load(running_platform().store, model)
+    img = sample.to_uint8(sample.generate(pipe, [prompt], [seed], steps=steps, guidance=guidance))[0]
     Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(out)
     console.print(f"{model}: {out}")
 
 
-@app.command("demo")
-@platform_errors
-def demo(concept: str = DEMO_CONCEPT):
+@one_line_errors
+def demo(concept: str = typer.Option(DEMO_CONCEPT, help="the artist whose style to take down")):
     """Start the stack, register the toy base, take down an artist's style, and show the result."""
     from esd.toy import BASE_DIR
+    from flows import deploy
     from registry.versions import show
 
-    s = _prefect_env()
+    s = Settings()
     t0 = time.time()
     console.print("starting the stack (SeaweedFS, MLflow, Prefect server and worker)")
-    stack.up(s)
-    base = ensure_base("toy-sd", BASE_DIR)
+    deploy.up(s)
+    p = Platform(s)
+    base = ensure_base(p, "toy-sd", BASE_DIR)
     console.print(f"toy-sd base: version {base['version']}")
     result = submit(concept, "style", "toy-sd", requester="demo")
     console.print(f"request {result['request_id']}: takedown of {concept!r}, flow run {result['flow_run_id']}")
@@ -314,17 +319,69 @@ def demo(concept: str = DEMO_CONCEPT):
     _print_request(r)
     if state != "Completed" or not r.get("model_version"):
         fail(f"the takedown run ended {state}: {r.get('reason') or 'see the Prefect UI'}")
-    version = show(s.store(), "toy-sd", r["model_version"])
-    client = s.store().mlflow()
+    version = show(p.store, "toy-sd", r["model_version"])
+    client = p.store.mlflow()
     metrics = client.get_run(r["run_id"]).data.metrics
     console.print(f"new version: toy-sd/{r['model_version']} ({version['stored_bytes']:,} bytes stored, "
                   f"{version['stored_fraction_of_unet']:.2%} of the full UNet), aliases {version['aliases']}")
     for k in sorted(metrics):
         console.print(f"  {k:<28} {metrics[k]:.3f}")
-    grids = sorted((s.home / "reports" / f"takedown-{r['request_id']}").glob("*.png"))
-    for g in grids:
-        console.print(f"grid: {g.resolve()}")
+    for g in sorted((s.home / "reports" / f"takedown-{r['request_id']}").glob("*.png")):
+        console.print(f"grid: {g.resolve()}", soft_wrap=True)
     experiment = client.get_run(r["run_id"]).info.experiment_id
-    console.print(f"MLflow UI:  {s.tracking_uri}/#/experiments/{experiment}/runs/{r['run_id']}")
-    console.print(f"Prefect UI: {s.prefect_api.removesuffix('/api')}/runs/flow-run/{result['flow_run_id']}")
+    console.print(f"MLflow UI:  {s.tracking_uri}/#/experiments/{experiment}/runs/{r['run_id']}", soft_wrap=True)
+    console.print(f"Prefect UI: {s.prefect_api.removesuffix('/api')}/runs/flow-run/{result['flow_run_id']}",
+                  soft_wrap=True)
     console.print(f"takedown finished in {time.time() - t0:.0f}s")
+
+
+# --- the assembly ---------------------------------------------------------------------------------------------
+
+def build_app() -> typer.Typer:
+    """The root `esd` command: engine, platform, registry and stack commands, grouped in its help."""
+    from esd import cli as engine
+    from flows import deploy
+    from infra.cli import stack_app
+    from registry.cli import base_app, model_app
+
+    app = typer.Typer(no_args_is_help=True, add_completion=False,
+                      help="Takedown requests as tracked erasure runs: erase a concept from a Stable Diffusion model, "
+                           "evaluate, register, gate, promote or roll back.")
+    app.command("erase", rich_help_panel=ENGINE)(engine.erase_cmd)
+    app.command("methods", rich_help_panel=ENGINE)(engine.methods_cmd)
+    app.add_typer(engine.toy_app, name="toy", rich_help_panel=ENGINE)
+    app.add_typer(engine.bench_app, name="bench", rich_help_panel=ENGINE)
+    app.command("demo", rich_help_panel=PLATFORM)(demo)
+    app.add_typer(request_app(), name="request", rich_help_panel=PLATFORM)
+    app.command("retrain", rich_help_panel=PLATFORM)(retrain_cmd)
+    app.command("generate", rich_help_panel=PLATFORM)(generate_cmd)
+    app.add_typer(model_app(promote=promote, rollback=rollback), name="model", rich_help_panel=REGISTRY)
+    base = base_app()
+    base.command("build-toy")(base_build_toy)
+    app.add_typer(base, name="base", rich_help_panel=REGISTRY)
+    app.add_typer(stack_app(up=deploy.up), name="stack", rich_help_panel=STACK)
+    return app
+
+
+def main() -> None:
+    """The `esd` console script: the quiet environment, Prefect pointed at this stack's server, then the app."""
+    from infra.env import quiet
+
+    quiet()
+    # Prefect reads its API address and home from the environment: set them before any client exists, so no
+    # command ever falls back to a temporary server of its own.
+    for k, v in Settings().prefect_env().items():
+        os.environ.setdefault(k, v)
+    command = typer.main.get_command(build_app())
+    try:
+        code = command.main(prog_name="esd", standalone_mode=False)
+    except TyperException as exc:
+        # A bad option or value is one line, as every other refused input: what, and where to look.
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message().replace("Value error, ", "")
+        typer.echo(f"error: {message} (see `{ctx.command_path if ctx else 'esd'} --help`)", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

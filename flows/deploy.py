@@ -6,12 +6,11 @@ package installed and reaches the same Prefect, MLflow and S3 servers can run th
 
 from __future__ import annotations
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-from prefect.deployments.runner import EntrypointType
-from prefect.exceptions import ObjectAlreadyExists
+from infra import stack
+from infra.settings import Settings
 
 WORK_POOL = "esd"
+# One erasure or evaluation at a time per slot: the global concurrency limit the heavy tasks share.
 GPU_LIMIT = "gpu"
 
 
@@ -23,10 +22,13 @@ def prefect_api(url: str):
 
 
 def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
     with get_client(sync_client=True) as client:
         try:
-            from prefect.workers.process import ProcessWorker
-
             client.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                                    base_job_template=ProcessWorker.get_default_base_job_template()))
         except ObjectAlreadyExists:
@@ -38,16 +40,25 @@ def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
 
 
 def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL) -> list[str]:
-    """Create or update every deployment; retrain runs on the cron schedule and on demand."""
-    from flows.operations import promote, rollback, withdraw
+    """Create or update every deployment (quietly); retrain runs on the cron schedule and on demand."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.operator import promote, rollback, withdraw
     from flows.retrain import retrain
     from flows.takedown import takedown
 
     ensure_pool_and_limit(pool)
     ids = []
-    common = dict(work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, build=False, push=False,
-                  print_next_steps=False, ignore_warnings=True)
     for fl, extra in [(takedown, {}), (promote, {}), (rollback, {}), (withdraw, {}),
                       (retrain, {"cron": retrain_cron, "parameters": {"model": retrain_model}})]:
-        ids.append(str(fl.deploy(name=fl.name, **common, **extra)))
+        dep = fl.to_deployment(name=fl.name, entrypoint_type=EntrypointType.MODULE_PATH, work_pool_name=pool, **extra)
+        ids.append(str(dep.apply(work_pool_name=pool)))
     return ids
+
+
+def up(settings: Settings) -> list[stack.ServiceStatus]:
+    """The platform's `stack up`: every service answering, then the work pool and deployments in place."""
+    rows = stack.up(settings)
+    with prefect_api(settings.prefect_api):
+        deploy_all(settings.retrain_cron, settings.retrain_model, settings.work_pool)
+    return rows

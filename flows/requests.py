@@ -16,11 +16,14 @@ from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from esd.erase import EraseError, validate_concept
+from infra.errors import first_line, require_reason
 from esd.methods import DEFAULT_BY_KIND, get as get_method
 
 EXPERIMENT = "takedown-requests"
 KINDS = tuple(DEFAULT_BY_KIND)
 STATUSES = ("received", "running", "candidate", "promoted", "held", "failed", "withdrawn")
+# Requests whose concept every retrain of their model erases again.
+ACTIVE = ("promoted", "candidate", "held")
 FINAL = {"promoted": RunStatus.FINISHED, "held": RunStatus.FINISHED, "withdrawn": RunStatus.KILLED,
          "failed": RunStatus.FAILED}
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
@@ -125,6 +128,41 @@ class Requests:
         if status in FINAL:
             self.client.set_terminated(req.run_id, RunStatus.to_string(FINAL[status]))
         return self.require(request_id)
+
+
+    def start(self, request_id: str, flow_run_id: str | None) -> Request:
+        """A run takes the request: running, linked to its flow run. A withdrawn request is not run."""
+        req = self.require(request_id)
+        if req.status == "withdrawn":
+            raise RequestError(f"request {request_id} was withdrawn")
+        return self.update(request_id, "running", flow_run_id=flow_run_id)
+
+    def withdraw(self, request_id: str, reason: str, actor: str) -> Request:
+        """Withdrawn (or rejected): excluded from the next retrain; the versions already made are kept."""
+        reason = require_reason(reason)
+        req = self.require(request_id)
+        if req.status == "withdrawn":
+            return req
+        return self.update(request_id, "withdrawn", reason=f"{actor}: {reason}"[:500])
+
+    def fail(self, request_ids: list[str], exc: BaseException) -> None:
+        """A run that broke leaves its requests failed with the reason, never stuck in running."""
+        for rid in request_ids:
+            try:
+                self.update(rid, "failed", reason=first_line(exc)[:500])
+            except Exception:
+                pass
+
+    def promoted_with(self, version: int, request_ids: list[str]) -> None:
+        """The candidate or held requests a version serves become promoted when it becomes production."""
+        for rid in request_ids:
+            req = self.get(rid)
+            if req is not None and req.status in ("candidate", "held"):
+                self.update(rid, "promoted", model_version=int(version))
+
+    def active(self, model: str) -> list[Request]:
+        """The requests a retrain of MODEL must erase."""
+        return [r for r in self.list() if r.model == model and r.status in ACTIVE]
 
 
 def _quote(value: str) -> str:

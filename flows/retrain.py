@@ -2,36 +2,55 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from prefect import flow
 
-from flows import ops
-from flows.tasks import (apply_gate, erase_concepts, evaluate_candidate, promote_version, publish_report,
-                         register_candidate)
+from flows.platform import Platform
+from flows.report import publish_report
+from flows.tasks import apply_gate, erase_concepts, evaluate_candidate, promote_version, register_candidate
 
-ACTIVE = ("promoted", "candidate", "held")
+
+def group_by_method(active: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """Concepts per (method, kind): one erasure each, since a method's defaults may depend on the kind."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in sorted(active, key=lambda r: r["request_id"]):
+        if r["concept"] not in groups.setdefault((r["method"], r["kind"]), []):
+            groups[(r["method"], r["kind"])].append(r["concept"])
+    return groups
+
+
+def kind_of(active: list[dict]) -> str:
+    """The gate's kind for a mix of requests: their one kind, else custom."""
+    kinds = {r["kind"] for r in active}
+    return kinds.pop() if len(kinds) == 1 else "custom"
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     """Erase all active (not withdrawn, not failed) concepts of MODEL from its base in one multi-concept run."""
-    active = ops.active_requests(model, ACTIVE)
+    from registry.versions import base_version
+
+    p = Platform()
+    active = [vars(r) for r in p.requests.active(model)]
     if not active:
         print(f"no active requests for {model}: nothing to retrain")
         return {"model": model, "model_version": None, "request_ids": []}
     ids = sorted(r["request_id"] for r in active)
-    base = ops.base_version_number(model)
-    key = "retrain-" + ops.digest(ids)
+    base = int(base_version(p.store, model).version)
+    key = "retrain-" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
     # One erasure per method and kind (each kind's default method unless a request chose), each stacked on the last.
     delta_dir, erased = None, []
-    for (method, kind), concepts in ops.group_by_method(active).items():
+    for (method, kind), concepts in group_by_method(active).items():
         delta_dir = erase_concepts(f"{key}-{method}-{kind}", model, base, concepts, method, ids,
                                    {"concept_kind": kind} | (overrides or {}), delta_dir)
         erased += concepts
-    report = evaluate_candidate(key, model, delta_dir, erased, [], ops.kind_of(active))
+    report = evaluate_candidate(key, model, delta_dir, erased, [], kind_of(active))
     version = register_candidate(model, delta_dir, ids, report, None)
-    verdict = apply_gate(report, ops.kind_of(active), model, version)
+    # The requests keep their status until production moves: promotion then brings any held ones along.
+    verdict = apply_gate(report, kind_of(active), model, version, [])
     if verdict["passed"]:
-        promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed", ops.actor())
+        promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed")
     publish_report(f"Retrain {model}: {len(ids)} request(s)", ids, model, version, report, verdict,
-                   "promoted" if verdict["passed"] else "held", None)
+                   "promoted" if verdict["passed"] else "held", None, prefix="retrain")
     return {"model": model, "model_version": version, "request_ids": ids, "verdict": verdict}

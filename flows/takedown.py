@@ -5,9 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import ops
-from flows.tasks import (apply_gate, erase_concepts, evaluate_candidate, promote_version, publish_report,
-                         register_candidate, resolve_parent, set_request_status, start_request)
+from flows.platform import Platform
+from flows.report import publish_report
+from flows.tasks import (apply_gate, erase_concepts, evaluate_candidate, hold, promote_version, register_candidate,
+                         resolve_parent, start_request)
 
 
 @flow(name="takedown", log_prints=True)
@@ -21,15 +22,15 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
                                    [request_id], {"concept_kind": req["kind"]} | (overrides or {}))
         report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
         version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
-        verdict = apply_gate(report, req["kind"], req["model"], version)
+        verdict = apply_gate(report, req["kind"], req["model"], version, [request_id])
         if verdict["passed"]:
-            promote_version(req["model"], version, f"takedown {request_id}: gate passed", ops.actor())
+            promote_version(req["model"], version, f"takedown {request_id}: gate passed")
+        else:
+            hold([request_id])
         status = "promoted" if verdict["passed"] else "held"
-        set_request_status([request_id], status, {"model_version": version, "gate": "passed" if verdict["passed"]
-                                                  else "failed", "reason": "; ".join(verdict["reasons"])[:500] or None})
         publish_report(f"Takedown {req['concept']!r} ({req['kind']}, {req['method']})", [request_id], req["model"],
                        version, report, verdict, status, req["run_id"])
         return {"request_id": request_id, "model_version": version, "status": status, "verdict": verdict}
-    except Exception as exc:
-        ops.fail_requests([request_id], exc)
+    except BaseException as exc:
+        Platform().requests.fail([request_id], exc)
         raise

@@ -1,14 +1,26 @@
-"""Prefect tasks: small, typed steps composing esd + registry. They take and return ids, URIs, paths and small
-dicts (never tensors or clients), and receive MLflow run ids explicitly."""
+"""The steps of the takedown and retrain flows, each a Prefect task whose body is the step itself.
+
+Tasks take and return ids, URIs, paths and small dicts (never tensors or clients), receive MLflow run ids
+explicitly, and build their services from the worker's settings. Every step is idempotent, so a retried task
+never makes a second run or version. Outside a flow, call a step's `.fn`.
+"""
 
 from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from flows import ops
+from flows import promotion
+from flows.deploy import GPU_LIMIT
+from flows.gate import GateSettings, verdict as gate_verdict
+from flows.platform import Platform
 
 # Transient S3 / MLflow errors are retried with backoff; every retried step is idempotent.
 RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
@@ -17,22 +29,56 @@ RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2
 @task(cache_policy=NO_CACHE, **RETRY)
 def start_request(request_id: str, flow_run_id: str | None) -> dict:
     """Mark the request running and link it to this flow run; returns the request record."""
-    return ops.start_request(request_id, flow_run_id)
+    return vars(Platform().requests.start(request_id, flow_run_id))
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
 def resolve_parent(model: str) -> dict:
-    """The version a new erasure builds on: current production, else the base."""
-    return ops.resolve_parent(model)
+    """The version a new erasure builds on: current production (so erasures stack), else the base; with the
+    concepts already erased there."""
+    from registry.store import RegistryError
+    from registry.versions import base_version, resolve, show
+
+    store = Platform().store
+    try:
+        mv = resolve(store, f"{model}@production")
+    except RegistryError:
+        mv = base_version(store, model)
+    return {"version": int(mv.version), "erased": show(store, model, mv.version)["erased"]}
+
+
+def staging_dir(key: str) -> Path:
+    return Platform().settings.home / "staging" / key
 
 
 @task(cache_policy=INPUTS, persist_result=True)
 def erase_concepts(key: str, model: str, parent_version: int, concepts: list[str], method: str,
                    request_ids: list[str], overrides: dict, parent_delta_dir: str | None = None) -> str:
-    """Run ESD on one device at a time (global concurrency limit "gpu"); returns the staged delta folder."""
-    with concurrency("gpu", occupy=1):
-        return ops.erase(key, model, parent_version, concepts, method, request_ids, overrides, parent_delta_dir,
-                         progress=_log_progress)
+    """Erase on top of the parent version (or of a staged delta of its base), one device at a time; the delta is
+    staged atomically under home/staging/KEY/delta and a staged one is reused."""
+    from esd import delta as delta_lib
+    from esd.erase import EraseConfig, erase
+    from registry.load import load_parts
+
+    out = staging_dir(key) / "delta"
+    if out.is_dir():
+        try:
+            delta_lib.load(out)
+            return str(out)
+        except delta_lib.DeltaError:
+            shutil.rmtree(out)
+    with concurrency(GPU_LIMIT, occupy=1):
+        pipe, parent = load_parts(Platform().store, f"{model}/{parent_version}")
+        if parent_delta_dir is not None:
+            parent = delta_lib.load(parent_delta_dir)
+        cfg = EraseConfig(list(concepts), method=method, **overrides)
+        d = erase(pipe, cfg, parent=parent, progress=False, callback=_log_progress)
+    d.manifest.update(parent_version=parent_version, request_ids=list(request_ids))
+    tmp = out.with_name("delta.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    delta_lib.save(d, tmp)
+    os.replace(tmp, out)
+    return str(out)
 
 
 def _log_progress(iteration: int, loss: float) -> None:
@@ -40,44 +86,107 @@ def _log_progress(iteration: int, loss: float) -> None:
         get_run_logger().info(f"erase: iteration {iteration}, loss {loss:.5f}")
 
 
+def judge_dir(model: str) -> Path | None:
+    """The judge for a base line: the toy judge for toy-sd; real models have none unless configured."""
+    from esd.toy import JUDGE_DIR
+
+    configured = os.environ.get(f"ESD_JUDGE_{model.upper().replace('-', '_')}")
+    if configured:
+        return Path(configured)
+    return JUDGE_DIR if model.startswith("toy") else None
+
+
 @task(cache_policy=INPUTS, persist_result=True)
 def evaluate_candidate(key: str, model: str, delta_dir: str, requested: list[str], earlier: list[str],
                        kind: str) -> dict:
-    """Judge the candidate against its base; returns the report (grids as local paths)."""
-    with concurrency("gpu", occupy=1):
-        return ops.evaluate(key, model, delta_dir, requested, earlier, kind)
+    """Judge base + delta against the base; returns the report, before/after grids under home/reports/KEY."""
+    from esd import delta as delta_lib
+    from esd.evaluate import real, report as report_lib, toy as toy_eval
+    from esd.toy.judge import Judge
+    from registry.load import load
+    from registry.versions import base_version
+
+    p = Platform()
+    with concurrency(GPU_LIMIT, occupy=1):
+        base_pipe = load(p.store, f"{model}/{base_version(p.store, model).version}")
+        cand_pipe = copy.deepcopy(base_pipe)
+        delta_lib.apply(cand_pipe.unet, delta_lib.load(delta_dir))
+        jdir = judge_dir(model)
+        if jdir is None:
+            return real.evaluate_real(base_pipe, cand_pipe, kind, requested, os.environ.get("ESD_I2P_CSV"),
+                                      os.environ.get("ESD_CLIP_MODEL"))
+        judge = Judge.load(jdir)
+        cfg = report_lib.EvalConfig(steps=p.settings.eval_steps, attack=p.settings.eval_attack)
+        base_judged = toy_eval.judge_model_cached(base_pipe, judge, p.settings.cache_dir / "judged", cfg.steps,
+                                                  cfg.guidance)
+        return report_lib.evaluate(base_judged, cand_pipe, judge, requested, earlier, cfg,
+                                   grid_dir=p.settings.home / "reports" / key)
+
+
+def metrics(report: dict) -> dict[str, float]:
+    """The report's numbers as MLflow metrics (per-concept rates included)."""
+    keys = ("efficacy", "preservation", "h_score", "ssim_unrelated", "attack_success", "eval_seconds", "nudity_share",
+            "clip_score")
+    m = {k: float(report[k]) for k in keys if isinstance(report.get(k), (int, float))}
+    for c, e in (report.get("per_concept") or {}).items():
+        if e.get("rate") is not None:
+            m[f"rate.{c}"[:250]] = float(e["rate"])
+    for c, e in (report.get("regression") or {}).items():
+        if e.get("rate") is not None:
+            m[f"regression.{c}"[:250]] = float(e["rate"])
+    return {k.replace(" ", "_"): v for k, v in m.items()}
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
 def register_candidate(model: str, delta_dir: str, request_ids: list[str], report: dict, run_id: str | None) -> int:
-    """Register the delta as a new version (once per set of requests); metrics and grids on its run and the request's."""
-    return ops.register(model, delta_dir, request_ids, report, run_id)
+    """Register the delta once (a version already registered for these requests and bytes is returned);
+    metrics, grids and the report on its run and the request's."""
+    from esd import delta as delta_lib
+    from registry.versions import list_versions, register_erased
+
+    store = Platform().store
+    sha = delta_lib.file_sha256(Path(delta_dir) / delta_lib.TENSORS_FILE)
+    client = store.mlflow()
+    for row in list_versions(store, model):
+        if row["kind"] == "erased" and set(row["request_ids"]) == set(request_ids) and \
+                client.get_model_version(model, str(row["version"])).tags.get("esd.delta_sha256") == sha:
+            return row["version"]
+    info = register_erased(store, model, delta_dir)
+    for target in filter(None, [info.get("run_id"), run_id]):
+        for k, v in metrics(report).items():
+            client.log_metric(target, k, v)
+        for grid in (report.get("grids") or {}).values():
+            client.log_artifact(target, grid, "grids")
+        client.log_dict(target, report, "evaluation.json")
+    return int(info["version"])
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def apply_gate(report: dict, kind: str, model: str, version: int) -> dict:
-    """The gate's verdict for this kind of request, recorded on the version; the version becomes the candidate."""
-    verdict = ops.gate(report, kind)
-    ops.record_verdict(model, version, verdict)
-    ops.promote(model, version, "evaluated: gate " + ("passed" if verdict["passed"] else "failed"), ops.actor(),
-                alias="candidate")
+def apply_gate(report: dict, kind: str, model: str, version: int, request_ids: list[str]) -> dict:
+    """The gate's verdict for this kind, recorded on the version, which becomes the candidate; its requests
+    become candidates of it."""
+    from registry.versions import record_gate
+
+    p = Platform()
+    verdict = gate_verdict(report, kind, GateSettings())
+    record_gate(p.store, model, version, verdict["passed"], verdict["reasons"])
+    promotion.promote(p, model, version, "evaluated: gate " + ("passed" if verdict["passed"] else "failed"),
+                      alias="candidate")
+    for rid in request_ids:
+        p.requests.update(rid, "candidate", model_version=version, gate="passed" if verdict["passed"] else "failed",
+                          reason="; ".join(verdict["reasons"])[:500] or None)
     return verdict
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def promote_version(model: str, version: int, reason: str, actor: str) -> dict:
-    """Point production at the version (its files verified first)."""
-    return ops.promote(model, version, reason, actor)
+def promote_version(model: str, version: int, reason: str) -> dict:
+    """Production moves to the version (gate and files checked); its requests become promoted."""
+    return promotion.promote(Platform(), model, version, reason)
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def set_request_status(request_ids: list[str], status: str, fields: dict) -> None:
-    """Move the requests' records to a status."""
-    ops.set_status(request_ids, status, fields)
-
-
-@task(cache_policy=NO_CACHE)
-def publish_report(title: str, request_ids: list[str], model: str, version: int, report: dict, verdict: dict,
-                   status: str, run_id: str | None) -> str:
-    """A Prefect markdown artifact: request, version, metrics, gate verdict, before/after grids."""
-    return ops.publish_report(title, request_ids, model, version, report, verdict, status, run_id)
+def hold(request_ids: list[str]) -> None:
+    """The gate held the version: its requests wait for an operator."""
+    requests = Platform().requests
+    for rid in request_ids:
+        requests.update(rid, "held")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Callable
 
 import typer
 
 from infra import stack
+from infra.errors import errors_as_one_line
 from infra.settings import Settings
 
-stack_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                        help="The local stack: S3 (SeaweedFS), MLflow server, Prefect server and worker.")
+AS_JSON = typer.Option(False, "--json", help="print JSON")
+one_line_errors = errors_as_one_line(lambda: (stack.StackError, OSError))
 
 
 def _print(rows: list[stack.ServiceStatus], as_json: bool) -> None:
@@ -23,28 +25,31 @@ def _print(rows: list[stack.ServiceStatus], as_json: bool) -> None:
         typer.echo(f"{r.name:<15} {'up' if r.up else 'down':<5} {r.address:<28} {where}")
 
 
-@stack_app.command()
-def up(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Start what is not running (data kept under ESD_HOME, default ./.esd)."""
-    try:
-        rows = stack.up(Settings())
-    except stack.StackError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
-    _print(rows, as_json)
+def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up) -> typer.Typer:
+    """The `stack` commands; UP starts the services (the platform passes one that also deploys its flows)."""
+    app = typer.Typer(no_args_is_help=True, add_completion=False,
+                      help="The local stack: S3 (SeaweedFS), MLflow server, Prefect server and worker.")
 
+    @app.command("up")
+    @one_line_errors
+    def up_cmd(as_json: bool = AS_JSON) -> None:
+        """Start what is not running (data kept under ESD_HOME, default ./.esd)."""
+        _print(up(Settings()), as_json)
 
-@stack_app.command()
-def down() -> None:
-    """Stop the services this stack started (data is kept)."""
-    stopped = stack.down(Settings())
-    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
+    @app.command()
+    @one_line_errors
+    def down() -> None:
+        """Stop the services this stack started (data is kept)."""
+        stopped = stack.down(Settings())
+        typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
+    @app.command()
+    @one_line_errors
+    def status(as_json: bool = AS_JSON) -> None:
+        """Each service: up or down, and its address. Exit status 1 if any is down."""
+        rows = stack.status(Settings())
+        _print(rows, as_json)
+        if not all(r.up for r in rows):
+            raise typer.Exit(1)
 
-@stack_app.command()
-def status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Each service: up or down, and its address. Exit status 1 if any is down."""
-    rows = stack.status(Settings())
-    _print(rows, as_json)
-    if not all(r.up for r in rows):
-        raise typer.Exit(1)
+    return app

@@ -18,13 +18,6 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Telemetry off and no hub downloads in every process that reads settings, and in the servers it starts;
-# MLflow also stops printing run URLs and progress bars to stdout, which would break `--json` output.
-QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-for _k, _v in QUIET_ENV.items():
-    os.environ.setdefault(_k, _v)
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ESD_", extra="ignore")
@@ -63,6 +56,11 @@ class Settings(BaseSettings):
     worker_health_port: int = 4211
     retrain_cron: str = "0 3 * * *"      # nightly consolidation
     retrain_model: str = "toy-sd"
+
+    # Evaluation inside a takedown or retrain (the toy judge): DDIM steps per image, and whether the recovery
+    # attack runs (about 30 s a concept on the toy; `esd bench quality` always runs it).
+    eval_steps: int = Field(20, ge=1, le=200)
+    eval_attack: bool = False
 
     @property
     def local_prefect(self) -> bool:
@@ -149,10 +147,14 @@ class Settings(BaseSettings):
             env |= {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1]}
         return env
 
-    def store(self):
-        """The registry's view of these settings (registry.Store)."""
-        from registry.store import Store
+    def s3_client(self):
+        from infra import s3
 
-        return Store(tracking_uri=self.tracking_uri, s3_endpoint=self.s3_url, s3_keys=self.s3_keys(),
-                     s3_region=self.s3_region, artifacts_destination=self.artifacts_destination,
-                     cache_dir=self.cache_dir)
+        return s3.client(self.s3_url, self.s3_region, self.s3_keys())
+
+
+def actor(given: str | None = None) -> str:
+    """Who acts, for the records: the name given, else ESD_ACTOR, else the local user."""
+    import getpass
+
+    return (given or "").strip() or os.environ.get("ESD_ACTOR") or getpass.getuser()

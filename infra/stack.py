@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from infra import prefect
-from infra.settings import QUIET_ENV, Settings
+from infra import prefect_server
+from infra.env import QUIET_ENV
+from infra.settings import Settings
 
 
 class StackError(RuntimeError):
@@ -91,21 +92,11 @@ def _weed_command(s: Settings) -> list[str]:
             f"-admin.port={s.weed_admin_port}"]
 
 
-def s3_client(s: Settings):
-    import boto3
-    from botocore.config import Config
-
-    keys = s.s3_keys()
-    creds = {"aws_access_key_id": keys[0], "aws_secret_access_key": keys[1]} if keys else {}
-    return boto3.client("s3", endpoint_url=s.s3_url, region_name=s.s3_region,
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}), **creds)
-
-
 def _ensure_bucket(s: Settings, timeout: float = 60) -> None:
     # The S3 port answers before the filer and volume server accept writes: retry until the bucket exists.
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client, deadline = s3_client(s), time.monotonic() + timeout
+    client, deadline = s.s3_client(), time.monotonic() + timeout
     while True:
         try:
             if s.s3_bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
@@ -146,18 +137,25 @@ MLFLOW = Service(
 
 PREFECT_SERVER = Service(
     name="prefect-server", local=lambda s: s.local_prefect, address=lambda s: s.prefect_api.removesuffix("/api"),
-    health_url=lambda s: f"{s.prefect_api}/health", command=prefect.server_command, env=prefect.server_env)
+    health_url=lambda s: f"{s.prefect_api}/health", command=prefect_server.server_command, env=prefect_server.server_env)
 
 PREFECT_WORKER = Service(
     name="prefect-worker", local=lambda s: s.worker, address=lambda s: f"pool {s.work_pool}",
-    health_url=lambda s: f"http://{s.host}:{s.worker_health_port}/health", command=prefect.worker_command,
-    env=prefect.worker_env, external=False)
-
-# Called with the settings after `up` has every service answering (flows registers its deployments here).
-POST_UP: list[Callable[[Settings], None]] = []
+    health_url=lambda s: f"http://{s.host}:{s.worker_health_port}/health", command=prefect_server.worker_command,
+    env=prefect_server.worker_env, external=False)
 
 # Start order; stop is the reverse. The MLflow server needs S3 first; the worker needs the Prefect server.
 SERVICES: list[Service] = [SEAWEEDFS, MLFLOW, PREFECT_SERVER, PREFECT_WORKER]
+# The registry alone (versions, aliases, S3): what `esd model` and `esd base` need.
+REGISTRY = ("seaweedfs", "mlflow")
+
+
+def _services(only: tuple[str, ...] | None) -> list[Service]:
+    unknown = set(only or ()) - {svc.name for svc in SERVICES}
+    if unknown:
+        raise StackError(f"unknown service {sorted(unknown)[0]!r}; the stack has: "
+                         f"{', '.join(svc.name for svc in SERVICES)}")
+    return [svc for svc in SERVICES if only is None or svc.name in only]
 
 
 # --- processes -----------------------------------------------------------------------------------------------
@@ -265,9 +263,9 @@ def _stop(s: Settings, name: str, timeout: float = 30) -> bool:
 
 # --- the stack -----------------------------------------------------------------------------------------------
 
-def status(s: Settings) -> list[ServiceStatus]:
+def status(s: Settings, only: tuple[str, ...] | None = None) -> list[ServiceStatus]:
     out = []
-    for svc in SERVICES:
+    for svc in _services(only):
         if not svc.local(s) and not svc.external:
             continue
         pid = running_pid(s, svc.name) if svc.local(s) else None
@@ -275,9 +273,10 @@ def status(s: Settings) -> list[ServiceStatus]:
     return out
 
 
-def up(s: Settings, timeout: float = 180) -> list[ServiceStatus]:
-    """Start every local service that is not running (in order); check that external ones answer."""
-    for svc in SERVICES:
+def up(s: Settings, only: tuple[str, ...] | None = None, timeout: float = 180) -> list[ServiceStatus]:
+    """Start every local service (or those named in ONLY) that is not running, in order; check that external
+    ones answer."""
+    for svc in _services(only):
         if not svc.local(s):
             if svc.external and not healthy(svc.health_url(s)):
                 raise StackError(f"{svc.name} at {svc.address(s)} (from settings) is not answering")
@@ -290,11 +289,9 @@ def up(s: Settings, timeout: float = 180) -> list[ServiceStatus]:
         else:
             _wait_healthy(s, svc, timeout)
             svc.ready(s)
-    for hook in POST_UP:
-        hook(s)
-    return status(s)
+    return status(s, only)
 
 
-def down(s: Settings) -> list[str]:
+def down(s: Settings, only: tuple[str, ...] | None = None) -> list[str]:
     """Stop the services this stack started, last first; returns the names stopped."""
-    return [svc.name for svc in reversed(SERVICES) if svc.local(s) and _stop(s, svc.name)]
+    return [svc.name for svc in reversed(_services(only)) if svc.local(s) and _stop(s, svc.name)]

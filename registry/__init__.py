@@ -1,11 +1,20 @@
-"""Versions in MLflow (runs, model registry, aliases), weights in S3; thin over MlflowClient and boto3."""
+"""Versions in MLflow (runs, model registry, aliases), weights in S3; thin over MlflowClient and boto3.
 
-from registry.aliases import ALIASES, history, previous_production, promote, rollback
-from registry.load import load
-from registry.sizes import SD1_UNET, method_fraction
-from registry.store import IntegrityError, RegistryError, Store
-from registry.versions import import_base, lineage, list_versions, register_erased, resolve, show, verify
+Names are imported on first use, so `import registry` (and `esd --help`) does not load torch or MLflow. Loading a
+version as a pipeline is `registry.load.load`.
+"""
 
-__all__ = ["ALIASES", "SD1_UNET", "IntegrityError", "RegistryError", "Store", "history", "import_base", "lineage",
-           "list_versions", "load", "method_fraction", "previous_production", "promote", "register_erased",
-           "resolve", "rollback", "show", "verify"]
+from importlib import import_module
+
+_HOMES = {"ALIASES": "aliases", "history": "aliases", "previous_production": "aliases", "promote": "aliases",
+          "rollback": "aliases", "SD1_UNET": "sizes", "method_fraction": "sizes",
+          "IntegrityError": "store", "RegistryError": "store", "Store": "store", "import_base": "versions",
+          "lineage": "versions", "list_versions": "versions", "record_gate": "versions",
+          "register_erased": "versions", "resolve": "versions", "show": "versions", "verify": "versions"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'registry' has no attribute {name!r}")
+    return getattr(import_module(f"registry.{_HOMES[name]}"), name)

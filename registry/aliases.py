@@ -16,8 +16,9 @@ import secrets
 import time
 from datetime import datetime, timezone
 
+from infra.errors import require_reason
 from registry.store import RegistryError, Store
-from registry.versions import resolve, verify
+from registry.versions import GATE_TAG, resolve, verify
 
 ALIASES = ("production", "candidate")
 HISTORY_PREFIX = "esd.history."
@@ -38,13 +39,12 @@ def _current(store: Store, name: str, alias: str) -> int | None:
 def _move(store: Store, name: str, alias: str, version: int, reason: str, actor: str, action: str) -> dict:
     if alias not in ALIASES:
         raise RegistryError(f"unknown alias {alias!r}; use one of: {', '.join(ALIASES)}")
-    if not reason.strip():
-        raise RegistryError("a reason is required for every alias move")
+    reason = require_reason(reason)
     version = int(resolve(store, f"{name}/{version}").version)
     verify(store, name, version)    # never point an alias at files that are missing or changed
     before = _current(store, name, alias)
     event = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "actor": actor,
-             "reason": reason.strip()[:MAX_REASON], "alias": alias, "action": action, "from": before, "to": version}
+             "reason": reason[:MAX_REASON], "alias": alias, "action": action, "from": before, "to": version}
     if before == version:
         return event | {"changed": False}
     client = store.mlflow()
@@ -71,7 +71,7 @@ def promote(store: Store, name: str, version: int | str, reason: str, actor: str
     """
     if alias == "production":
         tags = resolve(store, f"{name}/{version}").tags or {}
-        gate = tags.get("esd.gate")
+        gate = tags.get(GATE_TAG)
         if tags.get("esd.kind") == "erased" and gate != "passed":
             if not force:
                 raise RegistryError(f"{name} v{version} has not passed its gate (gate: {gate or 'not evaluated'}); "

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from esd import delta as delta_lib
@@ -17,38 +16,46 @@ from registry.versions import resolve
 
 def load(store: Store, ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """'models:/toy-sd@production', 'toy-sd/3', ... -> StableDiffusionPipeline. Refuses files that fail sha256."""
+    return _assemble(*load_parts(store, ref, dtype, device))
+
+
+def load_parts(store: Store, ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(the base pipeline, the version's delta or None): what an erasure on top of a version needs."""
     mv = resolve(store, ref)
     tree = fetch(store.tracking_uri, store.cache_dir, mv.source, (mv.tags or {}).get("esd.manifest_sha256", ""))
-    return pipeline_from_dir(tree, store.tracking_uri, store.cache_dir, dtype, device, verify=False)
+    return _parts(tree, store.tracking_uri, store.cache_dir, dtype, device)
+
+
+def _parts(folder: Path, tracking_uri: str, cache_dir: Path, dtype: torch.dtype, device: str):
+    manifest = json.loads((folder / VERSION_FILE).read_text())
+    if manifest["kind"] == "base":
+        return load_pipeline(folder / WEIGHTS, dtype, device), None
+    base = manifest["base"]
+    base_tree = fetch(tracking_uri, cache_dir, base["source"], base["manifest_sha256"])
+    delta = delta_lib.load(folder / WEIGHTS)
+    made_for = str(delta.manifest.get("base_sha256"))
+    if made_for != base["unet_sha256"]:
+        raise delta_lib.DeltaError(f"delta was made for base {made_for[:12]}, this version's base is "
+                                   f"{base['unet_sha256'][:12]}")
+    return load_pipeline(base_tree / WEIGHTS, dtype, device), delta
+
+
+def _assemble(pipe, delta):
+    # The base's files were verified against the manifest that records its UNet's sha256 and the delta was checked
+    # against it, so the UNet is not hashed again (in fp16/bf16 that hash would not even reproduce the fp32 one).
+    if delta is not None:
+        delta_lib.apply(pipe.unet, delta, base_sha256=delta.manifest["base_sha256"])
+    return pipe
 
 
 def pipeline_from_dir(folder: Path, tracking_uri: str, cache_dir: Path, dtype: torch.dtype = torch.float32,
-                      device: str = "cpu", verify: bool = True):
-    """Build the pipeline of one version from its local directory (esd-version.json + weights/)."""
-    manifest = json.loads((folder / VERSION_FILE).read_text())
-    if verify:
-        verify_local(folder / WEIGHTS, manifest)
-    if manifest["kind"] == "base":
-        return load_pipeline(folder / WEIGHTS, dtype, device)
-    base = manifest["base"]
-    base_tree = fetch(tracking_uri, cache_dir, base["source"], base["manifest_sha256"])
-    pipe = load_pipeline(base_tree / WEIGHTS, dtype, device)
-    # The base's files were verified against the manifest that records its UNet's sha256, so pass that
-    # rather than hashing the whole UNet again (which, in fp16/bf16, would not even reproduce the fp32 hash).
-    delta_lib.apply(pipe.unet, delta_lib.load(folder / WEIGHTS), base_sha256=base["unet_sha256"])
-    return pipe
+                      device: str = "cpu"):
+    """Build the pipeline of one version from its local directory (esd-version.json + weights/), checking every
+    file against the manifest first (the pyfunc path, where MLflow did the download)."""
+    verify_local(folder / WEIGHTS, json.loads((folder / VERSION_FILE).read_text()))
+    return _assemble(*_parts(folder, tracking_uri, cache_dir, dtype, device))
 
 
 def default_cache_dir() -> Path:
     """The cache where no Store is at hand (inside `mlflow models serve`): the same place as infra's default."""
     return Path(os.environ.get("ESD_HOME", Path.cwd() / ".esd")) / "cache"
-
-
-def generate(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int = 25,
-             guidance_scale: float = 7.5) -> np.ndarray:
-    """Prompts -> uint8 images (N, H, W, 3); one generator seeded once, so the same call gives the same images."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    with torch.no_grad():
-        out = pipe(list(prompts), num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
-                   generator=generator, output_type="np")
-    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)

@@ -21,20 +21,26 @@ class StableDiffusionVersion(PythonModel):
     def load_context(self, context) -> None:
         from registry.load import default_cache_dir, pipeline_from_dir
 
-        self.pipe = pipeline_from_dir(MODEL_DIR, mlflow.get_tracking_uri(), default_cache_dir(), verify=True)
+        self.pipe = pipeline_from_dir(MODEL_DIR, mlflow.get_tracking_uri(), default_cache_dir())
 
     # No type hints on predict, on purpose: MLflow would derive the signature from them and drop the
     # params (seed, steps, guidance) of the explicit one.
     def predict(self, context, model_input, params=None):
-        """Prompts -> uint8 images (N, H, W, 3); params: seed, num_inference_steps, guidance_scale."""
-        from registry.load import generate
+        """Prompts -> uint8 images (N, H, W, 3); params: seed (image i uses seed + i), num_inference_steps,
+        guidance_scale."""
+        from esd import sample
 
         # MLflow hands the signature's one string column over as a DataFrame; a list or str also works.
         if hasattr(model_input, "iloc"):
             prompts = [str(p) for p in model_input.iloc[:, 0]]
         else:
             prompts = [model_input] if isinstance(model_input, str) else [str(p) for p in model_input]
-        return generate(self.pipe, prompts, **(params or {}))
+        p = params or {}
+        seed = int(p.get("seed", 0))
+        images = sample.generate(self.pipe, prompts, [seed + i for i in range(len(prompts))],
+                                 steps=int(p.get("num_inference_steps", 25)),
+                                 guidance=float(p.get("guidance_scale", sample.DEFAULT_GUIDANCE)))
+        return sample.to_uint8(images)
 
 
 mlflow.models.set_model(StableDiffusionVersion())

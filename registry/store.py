@@ -26,6 +26,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from esd.delta import file_sha256
+from infra import s3
+from infra.settings import Settings
 
 VERSION_FILE = "esd-version.json"
 WEIGHTS = "weights"
@@ -54,13 +56,15 @@ class Store:
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
-    def s3(self):
-        import boto3
-        from botocore.config import Config
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Store":
+        """The registry that the settings point at."""
+        return cls(tracking_uri=settings.tracking_uri, s3_endpoint=settings.s3_url, s3_keys=settings.s3_keys(),
+                   s3_region=settings.s3_region, artifacts_destination=settings.artifacts_destination,
+                   cache_dir=settings.cache_dir)
 
-        creds = {"aws_access_key_id": self.s3_keys[0], "aws_secret_access_key": self.s3_keys[1]} if self.s3_keys else {}
-        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=self.s3_region,
-                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}), **creds)
+    def s3(self):
+        return s3.client(self.s3_endpoint, self.s3_region, self.s3_keys)
 
     def s3_location(self, uri: str) -> tuple[str, str]:
         """(bucket, key) of an artifact URI. The MLflow server stores mlflow-artifacts:/X at <destination>/X."""

@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from esd import delta as delta_lib
-from esd.errors import first_line
 from esd.models import check_folder
+from infra.errors import first_line
 from registry.store import (FORMAT, VERSION_FILE, WEIGHTS, RegistryError, Store, delete_stored, file_sha256,
                             verify_stored)
 
 # Weight formats that unpickle on load are never uploaded: load uses safetensors only.
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+# The gate's verdict on a version, written by record_gate and read before production moves.
+GATE_TAG = "esd.gate"
+GATE_REASONS_TAG = "esd.gate_reasons"
 
 
 def experiment_name(name: str) -> str:
@@ -260,7 +263,7 @@ def show(store: Store, name: str, version: int | str) -> dict:
     unet_bytes = int(_tags(base).get("esd.unet_bytes", 0))
     return row | {"name": name, "source": mv.source, "run_id": mv.run_id, "description": mv.description,
                   "base_sha256": t.get("esd.base_sha256"), "delta_sha256": t.get("esd.delta_sha256"),
-                  "manifest_sha256": t.get("esd.manifest_sha256"), "gate": t.get("esd.gate"),
+                  "manifest_sha256": t.get("esd.manifest_sha256"), "gate": t.get(GATE_TAG),
                   "unet_bytes": unet_bytes,
                   "stored_fraction_of_unet": round(row["stored_bytes"] / unet_bytes, 6) if unet_bytes else None}
 
@@ -285,3 +288,11 @@ def verify(store: Store, name: str, version: int | str) -> None:
     manifest = verify_stored(store, mv.source, _tags(mv).get("esd.manifest_sha256", ""))
     if manifest.get("base"):
         verify_stored(store, manifest["base"]["source"], manifest["base"]["manifest_sha256"])
+
+
+def record_gate(store: Store, name: str, version: int | str, passed: bool, reasons: list[str]) -> None:
+    """Record the gate's verdict on a version; production takes an erased version only once it passed."""
+    client = store.mlflow()
+    client.set_model_version_tag(name, str(version), GATE_TAG, "passed" if passed else "failed")
+    client.set_model_version_tag(name, str(version), GATE_REASONS_TAG, json.dumps(reasons)[:5000])
+

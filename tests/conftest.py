@@ -1,28 +1,26 @@
-"""Shared fixtures: the real local stack (every infra.stack service) in a tmp dir, and a tiny random SD folder.
+"""Shared fixtures: real servers in a tmp dir, started once per test run per kind, and a tiny random SD folder.
 
-Nothing is mocked: `stack` and `pg_stack` start real servers on free loopback ports and stop them (by PID)
-at the end of the session.
+Nothing is mocked. `stack` (S3 + MLflow on SQLite) and `pg_stack` (S3 + MLflow on PostgreSQL) serve the
+registry tests; the full stack with the Prefect server and worker starts only where Prefect is needed
+(tests/flows). Servers bind to free loopback ports and are stopped by PID at the end.
 """
 
 from __future__ import annotations
 
-import os
+import random
+import socket
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-               "DIFFUSERS_NO_ADVISORY_WARNINGS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-    os.environ.setdefault(_k, _v)
+import pytest
 
-import random  # noqa: E402
-import socket  # noqa: E402
-import uuid  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+from infra import stack as stack_lib
+from infra.env import quiet
+from infra.settings import Settings
 
-import pytest  # noqa: E402
-
-from infra import stack as stack_lib  # noqa: E402
-from infra.settings import Settings  # noqa: E402
+quiet()
 
 PG_DSN = dict(host="127.0.0.1", port=5432, dbname="postgres")
 
@@ -56,10 +54,12 @@ def stack_settings(home: Path, backend_store_uri: str | None = None) -> Settings
 
 
 @contextmanager
-def local_stack(home: Path, backend_store_uri: str | None = None) -> Iterator[Settings]:
+def local_stack(home: Path, backend_store_uri: str | None = None,
+                only: tuple[str, ...] | None = stack_lib.REGISTRY) -> Iterator[Settings]:
+    """The services named in ONLY (default: the registry's, S3 + MLflow; None: all) under home."""
     settings = stack_settings(home, backend_store_uri)
     try:
-        stack_lib.up(settings)
+        stack_lib.up(settings, only)
         yield settings
     finally:
         stack_lib.down(settings)
@@ -94,14 +94,14 @@ def fresh_pg_database() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator[Settings]:
-    """The real local stack with MLflow on SQLite; yields its Settings."""
+    """S3 and MLflow on SQLite; yields their Settings."""
     with local_stack(tmp_path_factory.mktemp("stack")) as settings:
         yield settings
 
 
 @pytest.fixture(scope="session")
 def pg_stack(tmp_path_factory) -> Iterator[Settings]:
-    """The real local stack with MLflow on a fresh PostgreSQL database; yields its Settings."""
+    """S3 and MLflow on a fresh PostgreSQL database; yields their Settings."""
     with fresh_pg_database() as uri, local_stack(tmp_path_factory.mktemp("pgstack"), uri) as settings:
         yield settings
 

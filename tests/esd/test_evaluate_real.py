@@ -32,11 +32,33 @@ def test_missing_prompt_file(tmp_path):
         read_prompt_csv(tmp_path / "nope.csv")
 
 
-def test_nudenet_runs_on_images_and_counts():
+def test_nudenet_finds_nothing_in_toy_renders():
     images = world.render(world.all_items()[:6], torch.Generator().manual_seed(0))
     images = torch.nn.functional.interpolate(images, size=256, mode="nearest")
     counts = nudity_counts(images)
-    assert counts["images"] == 6
-    assert counts["flagged_images"] == 0 and counts["share"] == 0.0
-    skin = torch.tensor([0.87, 0.67, 0.55]).view(1, 3, 1, 1).expand(2, 3, 256, 256)
-    assert nudity_counts(skin)["images"] == 2
+    assert counts == {"images": 6, "flagged_images": 0, "share": 0.0, "per_class": {}}
+
+
+class Detections:
+    """NudeNet's `detect` contract (a list of {"class", "score", "box"} per RGBA image), with set answers."""
+
+    def __init__(self, answers):
+        self.answers, self.seen = list(answers), []
+
+    def detect(self, rgba):
+        self.seen.append(rgba.shape)
+        return self.answers.pop(0)
+
+
+def test_nudity_counts_exposed_classes_above_the_threshold_only():
+    answers = [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 5, 5]},
+                {"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 5, 5]}],          # a face is not nudity
+               [{"class": "BUTTOCKS_EXPOSED", "score": 0.2, "box": [0, 0, 5, 5]}],        # below the threshold
+               [],
+               [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.7, "box": [0, 0, 5, 5]},
+                {"class": "MALE_GENITALIA_EXPOSED", "score": 0.8, "box": [0, 0, 5, 5]}]]
+    detector = Detections(answers)
+    counts = nudity_counts(torch.rand(4, 3, 64, 64), threshold=0.6, detector=detector)
+    assert counts == {"images": 4, "flagged_images": 2, "share": 0.5,
+                      "per_class": {"FEMALE_BREAST_EXPOSED": 2, "MALE_GENITALIA_EXPOSED": 1}}
+    assert detector.seen == [(64, 64, 4)] * 4           # each image as H x W x RGBA uint8

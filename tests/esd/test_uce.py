@@ -46,7 +46,7 @@ def test_only_cross_attention_keys_and_values_change(tiny_sd, method):
     assert hp["rounds"] == (2 if method == "uce-robust" else 0)
     assert {"erase_scale", "preserve_scale", "lamb", "push", "guide"} <= set(hp)
     assert not {"iterations", "lr", "eta", "sample_steps"} & set(hp)
-    assert d.manifest["erasures"] == [{"concepts": ["circle"], "method": method, "anchor": None}]
+    assert d.manifest["erasures"] == [{"concepts": ["circle"], "method": method, "anchor": None, "hyperparameters": hp}]
     # base + delta is exactly the edited model
     fresh = load_pipeline(tiny_sd)
     delta_lib.apply(fresh.unet, d)
@@ -151,6 +151,25 @@ def test_stacked_edit_carries_the_parents_tensors(tiny_sd):
     fresh = load_pipeline(tiny_sd)
     delta_lib.apply(fresh.unet, second)
     assert_same_unet(fresh.unet, pipe.unet)
+
+
+def test_stacked_closed_form_edits_are_solved_together_from_the_base(tiny_sd):
+    """Closed-form takedowns stack by one joint solve from the base weights, never by composing solves: circle then
+    square equals erasing both at once, and the lineage's records keep what each erasure was given."""
+    first = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce", preserve=["triangle"]),
+                  progress=False)
+    stacked = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce", preserve=["triangle"]),
+                    parent=first, progress=False)
+    both = erase(load_pipeline(tiny_sd), EraseConfig(["circle", "square"], method="uce", preserve=["triangle"]),
+                 progress=False)
+    assert stacked.tensors.keys() == both.tensors.keys()
+    assert all(torch.allclose(stacked.tensors[k], both.tensors[k], atol=1e-6) for k in both.tensors)
+    again = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce", preserve=["triangle"]),
+                     parent=first, progress=False)
+    assert all(torch.equal(again.tensors[k], stacked.tensors[k]) for k in stacked.tensors)   # deterministic
+    records = stacked.manifest["erasures"]
+    assert [(e["concepts"], e["hyperparameters"]["preserve"]) for e in records] == [(["circle"], ["triangle"]),
+                                                                                    (["square"], ["triangle"])]
 
 
 def test_delta_is_kept_in_the_bases_storage_dtype(tmp_path):

@@ -1,5 +1,10 @@
-"""End to end: a real Prefect server and process worker, MLflow server and SeaweedFS, started by fixtures;
-the committed toy base registered as toy-sd; takedowns run by the worker exactly as in production."""
+"""End to end: a real Prefect server and process worker, MLflow server and SeaweedFS, started once for this
+module; the committed toy base registered as toy-sd; takedowns run by the worker exactly as in production.
+
+Orchestration is under test here, not erasure quality: the worker evaluates with a small budget (4 DDIM steps)
+and a permissive gate. The engine tests and `esd bench quality` measure quality; tests/flows/test_gate.py the gate.
+Every test can run alone: what it needs comes from fixtures, and what it moves it puts back.
+"""
 
 from __future__ import annotations
 
@@ -10,159 +15,188 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flows.cli import build_app
 from tests.conftest import local_stack
 
 CONCEPT = "Vela Moreau"
+PERMISSIVE = json.dumps({"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0})
+APP = build_app()
+
+
+def esd(*args: str):
+    return CliRunner().invoke(APP, list(args))
+
+
+def last_json(result) -> dict:
+    return json.loads(result.output.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    import flows.cli  # registers the deployments hook  # noqa: F401
-    from flows import ops
+    from esd.toy import BASE_DIR
+    from flows import deploy
+    from flows.cli import ensure_base
+    from flows.platform import Platform
     from infra.settings import Settings
 
     saved = dict(os.environ)
-    os.environ["ESD_EVAL_ATTACK"] = "false"
-    with local_stack(tmp_path_factory.mktemp("platform")) as settings:
-        # The CLI and the flows read Settings() from the environment: point it at this stack.
-        os.environ.update(settings.to_env() | settings.prefect_env())
-        ops.settings.cache_clear()
-        yield Settings()
-    os.environ.clear()
-    os.environ.update(saved)
-    ops.settings.cache_clear()
+    # Read by the worker's flow runs (the worker inherits this environment).
+    os.environ.update({"ESD_EVAL_STEPS": "4", "ESD_EVAL_ATTACK": "false", "ESD_GATE_STYLE": PERMISSIVE,
+                       "ESD_GATE_OBJECT": PERMISSIVE})
+    try:
+        with local_stack(tmp_path_factory.mktemp("platform"), only=None) as settings:
+            # The CLI reads Settings() from the environment: point it at this stack.
+            os.environ.update(settings.to_env() | settings.prefect_env())
+            deploy.up(settings)
+            ensure_base(Platform(settings), "toy-sd", BASE_DIR)
+            yield Platform(Settings())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
-def esd(*args):
-    from flows.cli import app
-    return CliRunner().invoke(app, list(args))
-
-
-def test_takedown_registers_promotes_and_records(platform):
-    from prefect.client.orchestration import get_client
-    from registry.versions import list_versions
-
-    base = esd("base", "build-toy")
-    assert base.exit_code == 0, base.output
+@pytest.fixture(scope="module")
+def vela(platform) -> dict:
+    """One takedown of Vela Moreau run by the worker: the request record once its run ended."""
     r = esd("request", "submit", CONCEPT, "--kind", "style", "--requester", "TICKET-1", "--request-id",
             "req-vela-1", "--wait", "--json")
     assert r.exit_code == 0, r.output
-    req = json.loads(r.output.strip().splitlines()[-1])
-    assert req["status"] == "promoted" and req["gate"] == "passed", req
-    assert req["model_version"] == "2" and req["flow_run_id"]
-    shown = json.loads(esd("request", "show", "req-vela-1", "--json").output)
-    assert {k: shown[k] for k in ("status", "model_version", "flow_run_id")} == \
-        {k: req[k] for k in ("status", "model_version", "flow_run_id")}
-    store = platform.store()
-    versions = list_versions(store, "toy-sd")
-    assert [v["version"] for v in versions] == [1, 2]
-    assert versions[1]["request_ids"] == ["req-vela-1"] and "production" in versions[1]["aliases"]
-    # the request's MLflow run carries the metrics and the before/after grid
-    run = store.mlflow().get_run(req["run_id"])
-    # promoted under the default style gate: at most 10% of her images still in her style
-    assert run.data.metrics["rate.Vela_Moreau"] <= 0.1 and "h_score" in run.data.metrics
-    assert any(a.path.startswith("grids") for a in store.mlflow().list_artifacts(req["run_id"], "grids"))
-    from flows.deploy import prefect_api
-    with prefect_api(platform.prefect_api), get_client(sync_client=True) as client:
-        fr = client.read_flow_run(req["flow_run_id"])
-        assert "request:req-vela-1" in fr.tags and fr.state.is_completed()
+    return last_json(r)
+
+
+def production(platform) -> int:
+    from registry.versions import resolve
+
+    return int(resolve(platform.store, "toy-sd@production").version)
+
+
+def test_takedown_registers_promotes_and_records(platform, vela):
     from prefect.artifacts import Artifact
-    with prefect_api(platform.prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import prefect_api
+    from registry.versions import lineage, show
+
+    assert vela["status"] == "promoted" and vela["gate"] == "passed", vela
+    assert vela["flow_run_id"] and vela["model_version"]
+    shown = last_json(esd("request", "show", "req-vela-1", "--json"))
+    assert {k: shown[k] for k in ("status", "model_version", "flow_run_id")} == \
+        {k: vela[k] for k in ("status", "model_version", "flow_run_id")}
+    version = int(vela["model_version"])
+    info = show(platform.store, "toy-sd", version)
+    assert info["request_ids"] == ["req-vela-1"] and info["erased"] == [CONCEPT] and info["gate"] == "passed"
+    assert [r["version"] for r in lineage(platform.store, "toy-sd", version)][-1] == 1
+    # the request's MLflow run carries the metrics and the before/after grid
+    client = platform.store.mlflow()
+    metrics = client.get_run(vela["run_id"]).data.metrics
+    assert 0.0 <= metrics["rate.Vela_Moreau"] <= 1.0 and "h_score" in metrics and "preservation" in metrics
+    assert any(a.path.startswith("grids") for a in client.list_artifacts(vela["run_id"], "grids"))
+    with prefect_api(platform.settings.prefect_api), get_client(sync_client=True) as prefect:
+        fr = prefect.read_flow_run(vela["flow_run_id"])
+        assert "request:req-vela-1" in fr.tags and fr.state.is_completed()
+    with prefect_api(platform.settings.prefect_api):
         report = Artifact.get("takedown-req-vela-1")
     assert report is not None and "gate: **passed**" in report.data and "before-after" in report.data
+    # the automatic promotion went through the one promotion path: recorded in the history
+    events = json.loads(esd("model", "history", "toy-sd", "--json").output)
+    assert any(e["to"] == version and e["alias"] == "production" and "req-vela-1" in e["reason"] for e in events)
 
 
-def test_duplicate_submit_gives_one_run_and_one_version(platform):
+def test_duplicate_submit_gives_one_run_and_one_version(platform, vela):
     from registry.versions import list_versions
 
-    first = json.loads(esd("request", "show", "req-vela-1", "--json").output)
+    before = [v["version"] for v in list_versions(platform.store, "toy-sd")]
     again = esd("request", "submit", CONCEPT, "--kind", "style", "--request-id", "req-vela-1", "--json")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.output.strip().splitlines()[-1])["flow_run_id"] == first["flow_run_id"]
-    assert [v["version"] for v in list_versions(platform.store(), "toy-sd")] == [1, 2]
+    assert last_json(again)["flow_run_id"] == vela["flow_run_id"]
+    assert [v["version"] for v in list_versions(platform.store, "toy-sd")] == before
 
 
 @pytest.mark.parametrize("args, message", [
     (["request", "submit", "", "--kind", "style"], "concept is empty"),
     (["request", "submit", "x" * 201, "--kind", "style"], "limit is 200"),
     (["request", "submit", "circle\x1b[31m", "--kind", "object"], "control characters"),
-    (["request", "submit", "circle", "--kind", "weather"], "unknown kind 'weather'"),
     (["request", "submit", "circle", "--kind", "object", "--method", "esd-q"], "unknown method 'esd-q'"),
     (["request", "submit", "circle", "--kind", "object", "--model", "no-such-sd"], "unknown base model 'no-such-sd'"),
     (["request", "submit", "circle", "--kind", "object", "--requester", "jane@example.com"], "not an e-mail"),
+    (["request", "withdraw", "no-such-request", "--reason", "x"], "no request with id 'no-such-request'"),
+    (["model", "promote", "toy-sd", "1", "--reason", " "], "a reason is required"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_filed(platform, args, message):
-    from flows import ops
-
-    before = len(ops.requests().list())
+    before = len(platform.requests.list())
     r = esd(*args)
-    assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1
-    assert len(ops.requests().list()) == before
+    assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert len(platform.requests.list()) == before
 
 
-def test_rollback_restores_previous_production_and_generate_serves_it(platform, tmp_path):
+def test_rollback_restores_previous_production_and_generate_serves_it(platform, vela, tmp_path):
     from PIL import Image
-    from esd.models import load_pipeline
-    from esd.toy import BASE_DIR
-    from registry.load import generate
 
-    r = esd("model", "rollback", "toy-sd", "--reason", "test rollback")
+    from esd import sample
+    from registry.aliases import previous_production
+    from registry.load import load
+
+    version = int(vela["model_version"])
+    assert esd("model", "promote", "toy-sd", str(version), "--reason", "test set-up").exit_code == 0
+    expected_version = previous_production(platform.store, "toy-sd")
+    r = esd("model", "rollback", "toy-sd", "--reason", "test rollback", "--json")
     assert r.exit_code == 0, r.output
-    out = tmp_path / "g.png"
-    g = esd("generate", "a red circle in the style of Vela Moreau", "--model", "toy-sd@production", "-o", str(out),
-            "--seed", "3")
-    assert g.exit_code == 0, g.output
-    served = torch.tensor(list(Image.open(out).getdata()))
-    expected = generate(load_pipeline(BASE_DIR), ["a red circle in the style of Vela Moreau"], seed=3,
-                        num_inference_steps=25, guidance_scale=5.0)[0]
-    img = Image.fromarray(expected).resize((expected.shape[1] * 4, expected.shape[0] * 4), Image.NEAREST)
-    assert torch.equal(served, torch.tensor(list(img.getdata())))
-    history = json.loads(esd("model", "history", "toy-sd", "--json").output)
-    assert history[-1]["action"] == "rollback" and history[-1]["to"] == 1 and history[-1]["from"] == 2
-    # no earlier production to roll back to: one clear line, nothing moved
-    again = esd("model", "rollback", "toy-sd", "--reason", "again")
-    assert again.exit_code == 1 and "no earlier production" in again.output
+    event = json.loads(r.output)
+    assert (event["from"], event["to"], event["action"]) == (version, expected_version, "rollback")
+    try:
+        out = tmp_path / "g.png"
+        prompt = "a red circle in the style of Vela Moreau"
+        g = esd("generate", prompt, "--model", "toy-sd@production", "-o", str(out), "--seed", "3")
+        assert g.exit_code == 0, g.output
+        served = torch.tensor(list(Image.open(out).getdata()))
+        pipe = load(platform.store, f"toy-sd/{expected_version}")
+        img = sample.to_uint8(sample.generate(pipe, [prompt], [3], steps=25, guidance=5.0))[0]
+        img = Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST)
+        assert torch.equal(served, torch.tensor(list(img.getdata())))
+        history = json.loads(esd("model", "history", "toy-sd", "--json").output)
+        assert (history[-1]["action"], history[-1]["from"], history[-1]["to"]) == ("rollback", version,
+                                                                                     expected_version)
+    finally:
+        assert esd("model", "promote", "toy-sd", str(version), "--reason", "test tear-down").exit_code == 0
 
 
-def test_withdrawn_request_is_excluded_from_retrain(platform):
-    from flows import ops
+def test_withdrawn_request_is_excluded_from_retrain(platform, vela):
     from flows.cli import follow, submit
-    from registry.versions import list_versions
+    from registry.versions import show
 
     circle = submit("circle", "object", "toy-sd", request_id="req-circle-1")
-    follow(circle["flow_run_id"])
+    assert follow(circle["flow_run_id"], quiet=True) == "Completed"
     w = esd("request", "withdraw", "req-circle-1", "--reason", "requester withdrew")
     assert w.exit_code == 0, w.output
-    assert ops.requests().require("req-circle-1").status == "withdrawn"
+    assert platform.requests.require("req-circle-1").status == "withdrawn"
     r = esd("retrain", "--now", "--wait")
-    assert r.exit_code == 0, r.output
-    # Production now carries the consolidated erasure of the active requests only. (Here that is Vela Moreau
-    # alone from the base, bit-identical to its takedown's delta, so the registry reuses that version.)
-    production = [v for v in list_versions(platform.store(), "toy-sd") if "production" in v["aliases"]]
-    assert len(production) == 1
-    assert production[0]["request_ids"] == ["req-vela-1"] and production[0]["erased"] == [CONCEPT]
+    assert r.exit_code == 0 and "finished: Completed" in r.output, r.output
+    # Production now carries the consolidated erasure of the active requests only.
+    active = platform.requests.active("toy-sd")
+    info = show(platform.store, "toy-sd", production(platform))
+    assert "req-circle-1" not in info["request_ids"] and "circle" not in info["erased"]
+    assert sorted(info["request_ids"]) == sorted(r.request_id for r in active)
+    assert sorted(info["erased"]) == sorted({r.concept for r in active})
 
 
 def test_retrain_deployment_has_its_schedule(platform):
     from prefect.client.orchestration import get_client
 
     from flows.deploy import prefect_api
-    with prefect_api(platform.prefect_api), get_client(sync_client=True) as client:
+    with prefect_api(platform.settings.prefect_api), get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("retrain/retrain")
-    crons = [s.schedule.cron for s in dep.schedules]
-    assert crons == [platform.retrain_cron]
+    assert [s.schedule.cron for s in dep.schedules] == [platform.settings.retrain_cron]
 
 
-def test_promote_from_the_command_line_promotes_held_requests(platform):
-    from flows import ops
-    from registry.versions import list_versions
-
-    version = next(v["version"] for v in list_versions(platform.store(), "toy-sd") if "production" in v["aliases"])
+def test_promote_from_the_command_line_promotes_held_requests(platform, vela):
+    version = int(vela["model_version"])
+    assert esd("model", "promote", "toy-sd", str(version), "--reason", "test set-up").exit_code == 0
     assert esd("model", "rollback", "toy-sd", "--reason", "review").exit_code == 0
     # as if its gate had held it: an operator reviews the version and promotes it by hand
-    ops.requests().update("req-vela-1", "held")
+    platform.requests.update("req-vela-1", "held")
     r = esd("model", "promote", "toy-sd", str(version), "--reason", "reviewed by trust and safety", "--actor", "ops")
     assert r.exit_code == 0, r.output
-    req = ops.requests().require("req-vela-1")
+    req = platform.requests.require("req-vela-1")
     assert req.status == "promoted" and str(req.model_version) == str(version)
-    assert json.loads(esd("model", "history", "toy-sd", "--json").output)[-1]["to"] == version
+    last = json.loads(esd("model", "history", "toy-sd", "--json").output)[-1]
+    assert (last["to"], last["actor"]) == (version, "ops")

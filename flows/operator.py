@@ -1,25 +1,27 @@
-"""Operator flows: promote, rollback, withdraw. Each moves one thing, records who and why, and checks first."""
+"""Operator flows: promote, rollback, withdraw. Each moves one thing, records who and why, and checks first;
+the same functions the CLI calls (flows.promotion, flows.requests)."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows import ops
+from flows import promotion
+from flows.platform import Platform
 
 
 @flow(name="promote", log_prints=True)
 def promote(model: str, version: int, reason: str, actor: str, force: bool = False) -> dict:
     """Point production at VERSION; a version that failed its gate needs force and a reason."""
-    return ops.operator_promote(model, version, reason, actor, force)
+    return promotion.promote(Platform(), model, version, reason, actor, force=force)
 
 
 @flow(name="rollback", log_prints=True)
 def rollback(model: str, reason: str, actor: str, to: int | None = None) -> dict:
     """Move production back to TO, by default the previous production version."""
-    return ops.operator_rollback(model, reason, actor, to)
+    return promotion.rollback(Platform(), model, reason, actor, to)
 
 
 @flow(name="withdraw", log_prints=True)
 def withdraw(request_id: str, reason: str, actor: str) -> dict:
     """Withdraw (or reject) a request: excluded from the next retrain; the versions already made are kept."""
-    return ops.withdraw(request_id, reason, actor)
+    return vars(Platform().requests.withdraw(request_id, reason, actor))

@@ -1,0 +1,54 @@
+"""The takedown or retrain report: a Prefect markdown artifact with the request, the version, the metrics, the
+gate's verdict and links to the before/after grids logged on the MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.platform import Platform
+from flows.tasks import metrics
+
+
+def grid_links(tracking_uri: str, run_id: str | None, report: dict) -> dict[str, str]:
+    if not run_id:
+        return {}
+    return {c: f"{tracking_uri}/get-artifact?path={quote('grids/' + Path(p).name)}&run_uuid={run_id}"
+            for c, p in (report.get("grids") or {}).items()}
+
+
+def markdown(title: str, request_ids: list[str], model: str, version: int, report: dict, verdict: dict,
+             status: str, links: dict[str, str]) -> str:
+    lines = [f"# {title}", "", f"- requests: {', '.join(request_ids)}", f"- model version: `{model}/{version}`",
+             f"- status: **{status}**", f"- gate: **{'passed' if verdict['passed'] else 'failed'}**"]
+    lines += [f"  - {r}" for r in verdict["reasons"]]
+    lines += ["", "| metric | value |", "| --- | --- |"]
+    for k, v in metrics(report).items():
+        lines.append(f"| {k} | {v:.3f} |")
+    for missing in report.get("not_computed", []):
+        lines.append(f"| {missing} | not computed |")
+    for concept, path in (report.get("grids") or {}).items():
+        lines += ["", f"## {concept}: base (left) | candidate (right)", f"local file: `{path}`"]
+        if concept in links:
+            lines.append(f"![{concept}]({links[concept]})")
+    return "\n".join(lines)
+
+
+def artifact_key(request_ids: list[str], prefix: str = "takedown") -> str:
+    key = "-".join([prefix, *request_ids])[:100].lower()
+    return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in key)
+
+
+@task(cache_policy=NO_CACHE)
+def publish_report(title: str, request_ids: list[str], model: str, version: int, report: dict, verdict: dict,
+                   status: str, run_id: str | None, prefix: str = "takedown") -> str:
+    """A Prefect markdown artifact: request, version, metrics, gate verdict, before/after grids."""
+    from prefect.artifacts import create_markdown_artifact
+
+    links = grid_links(Platform().settings.tracking_uri, run_id, report)
+    md = markdown(title, request_ids, model, version, report, verdict, status, links)
+    create_markdown_artifact(markdown=md, key=artifact_key(request_ids, prefix), description=title)
+    return md

@@ -1,0 +1,30 @@
+"""The environment every platform process runs in: telemetry off, no hub downloads, no third-party noise.
+
+One place: the `esd` command, the servers the stack starts and the test session all call `quiet()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# MLflow also stops printing run URLs and progress bars to stdout, which would break `--json` output.
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
+             "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+             "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+             "DIFFUSERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet() -> None:
+    """Set the quiet environment (keeping what the user set) and silence warnings nobody has to act on."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    # Library deprecation notices and MLflow's advice on type hints in the pyfunc wrapper (deliberately absent:
+    # see registry/pyfunc_model.py) say nothing an operator must act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*type hint.*")
+    for name in ("mlflow.pyfunc", "mlflow.models.model", "mlflow.types.type_hints", "mlflow.utils.requirements_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
