@@ -21,7 +21,8 @@ from flows.platform import Platform
 from infra.errors import errors_as_one_line, fail
 from infra.settings import Settings, actor as actor_name
 
-console = Console()
+# Lines are not broken at the terminal's width: ids and URLs stay whole, to copy.
+console = Console(soft_wrap=True)
 DEMO_CONCEPT = "Vela Moreau"
 ENGINE, PLATFORM, REGISTRY, STACK = "Engine", "Platform", "Registry", "Stack"
 AS_JSON = typer.Option(False, "--json", help="print JSON")
@@ -45,12 +46,14 @@ class Status(str, Enum):
 
 
 def platform_errors() -> tuple[type[BaseException], ...]:
+    from flows.gate import GateError
+    from flows.promotion import ProductionMoved
     from flows.requests import RequestError
     from infra.errors import ReasonRequired
     from infra.stack import StackError
     from registry.cli import registry_errors
 
-    return (RequestError, StackError, ReasonRequired) + registry_errors()
+    return (RequestError, StackError, ReasonRequired, GateError, ProductionMoved) + registry_errors()
 
 
 one_line_errors = errors_as_one_line(platform_errors)
@@ -111,6 +114,7 @@ def request_app() -> typer.Typer:
     app.command("list")(request_list)
     app.command("show")(request_show)
     app.command("withdraw")(request_withdraw)
+    app.command("retry")(request_retry)
     return app
 
 
@@ -138,9 +142,6 @@ def request_submit(concept: str = typer.Argument(..., help="the style, object or
 def submit(concept: str, kind: str, model: str, requester: str = "", method: str | None = None,
            request_id: str | None = None) -> dict:
     """Validate, file the record, start the takedown deployment with the request id as idempotency key."""
-    from prefect.deployments import run_deployment
-
-    from flows.deploy import prefect_api
     from flows.requests import Request, RequestError
     from registry.store import RegistryError
     from registry.versions import base_version
@@ -157,13 +158,24 @@ def submit(concept: str, kind: str, model: str, requester: str = "", method: str
     record, _ = p.requests.file(req)
     if record.concept != req.concept or record.model != req.model:
         raise RequestError(f"request id {req.request_id} is already used by another request ({record.concept!r})")
+    return start_run(p, record)
+
+
+def start_run(p: Platform, record) -> dict:
+    """Start the takedown deployment for a filed record; its request id (and attempt) is the idempotency key, so
+    however often this is called, one attempt has one flow run."""
+    from prefect.deployments import run_deployment
+
+    from flows.deploy import prefect_api
+
+    key = record.request_id if int(record.attempt or 1) == 1 else f"{record.request_id}#{record.attempt}"
     try:
         with prefect_api(p.settings.prefect_api):
             run = run_deployment("takedown/takedown", parameters={"request_id": record.request_id},
-                                 idempotency_key=record.request_id, tags=[f"request:{record.request_id}"], timeout=0,
+                                 idempotency_key=key, tags=[f"request:{record.request_id}"], timeout=0,
                                  as_subflow=False)
     except Exception as exc:
-        p.requests.update(record.request_id, "failed", reason=f"could not start the run: {exc}"[:500])
+        p.requests.fail([record.request_id], f"could not start the run: {exc}")
         raise
     if record.flow_run_id != str(run.id):
         p.requests.update(record.request_id, flow_run_id=str(run.id))
@@ -179,7 +191,7 @@ def follow(flow_run_id: str, poll: float = 2.0, quiet: bool = False) -> str:
 
     from flows.deploy import prefect_api
 
-    out = Console(stderr=True, quiet=quiet)
+    out = Console(stderr=True, quiet=quiet, soft_wrap=True)
     seen: dict[str, str] = {}
     with prefect_api(Settings().prefect_api), get_client(sync_client=True) as client, \
             out.status("waiting for a worker") as status:
@@ -231,6 +243,23 @@ def request_show(request_id: str = typer.Argument(..., help="the request's id"),
         typer.echo(json.dumps(r))
     else:
         _print_request(r)
+
+
+@one_line_errors
+def request_retry(request_id: str = typer.Argument(..., help="the failed request's id"),
+                  wait: bool = typer.Option(False, "--wait", help="follow the run until it ends"),
+                  as_json: bool = AS_JSON):
+    """File a failed request again and start a new run for it."""
+    p = running_platform("all")
+    record = p.requests.retry(request_id)
+    result = start_run(p, record)
+    if wait:
+        follow(result["flow_run_id"], quiet=as_json)
+    req = show_request(request_id)
+    if as_json:
+        typer.echo(json.dumps(req))
+    else:
+        _print_request(req)
 
 
 @one_line_errors

@@ -39,7 +39,7 @@ def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
             pass
 
 
-def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL) -> list[str]:
+def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, timeout_s: int = 6 * 3600) -> list[str]:
     """Create or update every deployment (quietly); retrain runs on the cron schedule and on demand."""
     from prefect.deployments.runner import EntrypointType
 
@@ -49,16 +49,22 @@ def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL) -> 
 
     ensure_pool_and_limit(pool)
     ids = []
-    for fl, extra in [(takedown, {}), (promote, {}), (rollback, {}), (withdraw, {}),
-                      (retrain, {"cron": retrain_cron, "parameters": {"model": retrain_model}})]:
+    for fl, extra in [(takedown.with_options(timeout_seconds=timeout_s), {}), (promote, {}), (rollback, {}),
+                      (withdraw, {}),
+                      (retrain.with_options(timeout_seconds=timeout_s),
+                       {"cron": retrain_cron, "parameters": {"model": retrain_model}})]:
         dep = fl.to_deployment(name=fl.name, entrypoint_type=EntrypointType.MODULE_PATH, work_pool_name=pool, **extra)
         ids.append(str(dep.apply(work_pool_name=pool)))
     return ids
 
 
 def up(settings: Settings) -> list[stack.ServiceStatus]:
-    """The platform's `stack up`: every service answering, then the work pool and deployments in place."""
+    """The platform's `stack up`: the gate's settings checked, every service answering, then the work pool and
+    deployments in place."""
+    from flows.gate import load_settings
+
+    load_settings()
     rows = stack.up(settings)
     with prefect_api(settings.prefect_api):
-        deploy_all(settings.retrain_cron, settings.retrain_model, settings.work_pool)
+        deploy_all(settings.retrain_cron, settings.retrain_model, settings.work_pool, settings.flow_timeout_s)
     return rows

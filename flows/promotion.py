@@ -14,11 +14,22 @@ from infra.errors import require_reason
 from infra.settings import actor as actor_name
 
 
+class ProductionMoved(RuntimeError):
+    """Production is no longer the version a run started from: promoting would drop what moved it."""
+
+
 def promote(platform: Platform, model: str, version: int, reason: str, actor: str | None = None,
-            alias: str = "production", force: bool = False) -> dict:
+            alias: str = "production", force: bool = False, expected: int | None = None) -> dict:
+    """EXPECTED: the production version the caller's work was built on (a takedown's parent, what a retrain saw);
+    if production has moved since, nothing moves and ProductionMoved says so, so no erasure is silently lost."""
     from registry import aliases
     from registry.versions import resolve
 
+    if alias == "production" and expected is not None:
+        current = (platform.store.mlflow().get_registered_model(model).aliases or {}).get("production")
+        if current is not None and int(current) != int(expected):
+            raise ProductionMoved(f"production of {model} moved from v{expected} to v{current} while this run "
+                                  f"worked; v{version} was built on v{expected} and is held for review")
     event = aliases.promote(platform.store, model, int(version), require_reason(reason), actor_name(actor),
                             alias=alias, force=force)
     if alias == "production":

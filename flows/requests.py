@@ -24,6 +24,17 @@ KINDS = tuple(DEFAULT_BY_KIND)
 STATUSES = ("received", "running", "candidate", "promoted", "held", "failed", "withdrawn")
 # Requests whose concept every retrain of their model erases again.
 ACTIVE = ("promoted", "candidate", "held")
+# The moves a record may make. A run takes a received request; its version becomes a candidate, then production
+# (promoted) or waits for an operator (held); an operator may promote a held one, or hold a promoted one whose
+# version left production. Withdrawal is possible until withdrawn (a promoted request withdrawn leaves the next
+# retrain); a failed request comes back only by an explicit retry. Setting the same status again is a no-op move.
+MOVES = {"received": {"running", "failed", "withdrawn"},
+         "running": {"candidate", "held", "failed", "withdrawn"},
+         "candidate": {"promoted", "held", "failed", "withdrawn"},
+         "held": {"promoted", "failed", "withdrawn"},
+         "promoted": {"held", "withdrawn"},
+         "failed": {"received", "withdrawn"},
+         "withdrawn": set()}
 FINAL = {"promoted": RunStatus.FINISHED, "held": RunStatus.FINISHED, "withdrawn": RunStatus.KILLED,
          "failed": RunStatus.FAILED}
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
@@ -48,6 +59,7 @@ class Request:
     run_id: str | None = None
     created: float | None = None
     reason: str | None = None
+    attempt: str | None = None          # runs started for this request (a retry starts another)
 
     def validate(self) -> "Request":
         try:
@@ -121,13 +133,19 @@ class Requests:
         if status is not None:
             if status not in STATUSES:
                 raise RequestError(f"unknown status {status!r}")
+            if status != req.status and status not in MOVES[req.status]:
+                raise RequestError(f"request {request_id} is {req.status}; it cannot become {status}")
             fields["status"] = status
         for k, v in fields.items():
             if v is not None:
                 self.client.set_tag(req.run_id, f"esd.{k}", str(v))
         if status in FINAL:
             self.client.set_terminated(req.run_id, RunStatus.to_string(FINAL[status]))
-        return self.require(request_id)
+        after = self.require(request_id)
+        if status is not None and after.status != status:
+            # a concurrent move (a withdrawal) landed between the read and the write: it wins
+            raise RequestError(f"request {request_id} moved to {after.status} meanwhile")
+        return after
 
 
     def start(self, request_id: str, flow_run_id: str | None) -> Request:
@@ -145,13 +163,25 @@ class Requests:
             return req
         return self.update(request_id, "withdrawn", reason=f"{actor}: {reason}"[:500])
 
-    def fail(self, request_ids: list[str], exc: BaseException) -> None:
-        """A run that broke leaves its requests failed with the reason, never stuck in running."""
+    def fail(self, request_ids: list[str], exc: BaseException | str) -> None:
+        """A run that broke leaves its requests failed with the reason, never stuck in running (a request already
+        promoted, held or withdrawn keeps that status)."""
+        reason = exc if isinstance(exc, str) else first_line(exc)
         for rid in request_ids:
             try:
-                self.update(rid, "failed", reason=first_line(exc)[:500])
+                req = self.get(rid)
+                if req is not None and "failed" in MOVES[req.status]:
+                    self.update(rid, "failed", reason=reason[:500])
             except Exception:
                 pass
+
+    def retry(self, request_id: str) -> Request:
+        """A failed request filed again (received), for a new run."""
+        req = self.require(request_id)
+        if req.status != "failed":
+            raise RequestError(f"request {request_id} is {req.status}; only a failed request can be retried")
+        self.client.update_run(req.run_id, status="RUNNING")
+        return self.update(request_id, "received", reason="retried", attempt=int(req.attempt or 1) + 1)
 
     def promoted_with(self, version: int, request_ids: list[str]) -> None:
         """The candidate or held requests a version serves become promoted when it becomes production."""

@@ -6,6 +6,7 @@ import hashlib
 
 from prefect import flow
 
+from flows.gate import load_settings
 from flows.platform import Platform
 from flows.report import publish_report
 from flows.tasks import apply_gate, erase_concepts, evaluate_candidate, promote_version, register_candidate
@@ -31,7 +32,9 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     """Erase all active (not withdrawn, not failed) concepts of MODEL from its base in one multi-concept run."""
     from registry.versions import base_version
 
+    load_settings()          # the gate's settings are checked before any work
     p = Platform()
+    production = (p.store.mlflow().get_registered_model(model).aliases or {}).get("production")
     active = [vars(r) for r in p.requests.active(model)]
     if not active:
         print(f"no active requests for {model}: nothing to retrain")
@@ -49,8 +52,15 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     version = register_candidate(model, delta_dir, ids, report, None)
     # The requests keep their status until production moves: promotion then brings any held ones along.
     verdict = apply_gate(report, kind_of(active), model, version, [])
+    status = "held"
     if verdict["passed"]:
-        promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed")
-    publish_report(f"Retrain {model}: {len(ids)} request(s)", ids, model, version, report, verdict,
-                   "promoted" if verdict["passed"] else "held", None, prefix="retrain")
-    return {"model": model, "model_version": version, "request_ids": ids, "verdict": verdict}
+        # a takedown promoted while this ran would be dropped: promote only over what the retrain saw
+        moved = promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed",
+                                int(production) if production is not None else None).get("moved")
+        if moved:
+            print(moved)
+        else:
+            status = "promoted"
+    publish_report(f"Retrain {model}: {len(ids)} request(s)", ids, model, version, report, verdict, status, None,
+                   prefix="retrain")
+    return {"model": model, "model_version": version, "request_ids": ids, "verdict": verdict, "status": status}

@@ -5,16 +5,25 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.gate import load_settings
 from flows.platform import Platform
 from flows.report import publish_report
 from flows.tasks import (apply_gate, erase_concepts, evaluate_candidate, hold, promote_version, register_candidate,
                          resolve_parent, start_request)
 
 
-@flow(name="takedown", log_prints=True)
+def _run_ended(flow, flow_run, state) -> None:
+    """Crashed (killed, out of memory) or cancelled: the request is failed with the reason, never left running."""
+    Platform().requests.fail([flow_run.parameters["request_id"]],
+                             f"the takedown run was {state.name.lower()}: {state.message or 'no message'}")
+
+
+@flow(name="takedown", log_prints=True, on_crashed=[_run_ended], on_cancellation=[_run_ended])
 def takedown(request_id: str, overrides: dict | None = None) -> dict:
-    """Erase the request's concept from its model's current production version and promote it if the gate passes."""
+    """Erase the request's concept from its model's current production version and promote it if the gate passes
+    and production is still the version it was built on."""
     try:
+        load_settings()          # the gate's settings are checked before any work, not after the erasure
         req = start_request(request_id, flow_run.get_id())
         parent = resolve_parent(req["model"])
         key = f"takedown-{request_id}"
@@ -23,11 +32,16 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
         report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
         version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
         verdict = apply_gate(report, req["kind"], req["model"], version, [request_id])
+        status = "held"
         if verdict["passed"]:
-            promote_version(req["model"], version, f"takedown {request_id}: gate passed")
+            moved = promote_version(req["model"], version, f"takedown {request_id}: gate passed",
+                                    parent["version"]).get("moved")
+            if moved:
+                hold([request_id], moved)
+            else:
+                status = "promoted"
         else:
             hold([request_id])
-        status = "promoted" if verdict["passed"] else "held"
         publish_report(f"Takedown {req['concept']!r} ({req['kind']}, {req['method']})", [request_id], req["model"],
                        version, report, verdict, status, req["run_id"])
         return {"request_id": request_id, "model_version": version, "status": status, "verdict": verdict}

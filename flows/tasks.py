@@ -19,7 +19,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import promotion
 from flows.deploy import GPU_LIMIT
-from flows.gate import GateSettings, verdict as gate_verdict
+from flows.gate import load_settings, verdict as gate_verdict
 from flows.platform import Platform
 
 # Transient S3 / MLflow errors are retried with backoff; every retried step is idempotent.
@@ -168,7 +168,7 @@ def apply_gate(report: dict, kind: str, model: str, version: int, request_ids: l
     from registry.versions import record_gate
 
     p = Platform()
-    verdict = gate_verdict(report, kind, GateSettings())
+    verdict = gate_verdict(report, kind, load_settings())
     record_gate(p.store, model, version, verdict["passed"], verdict["reasons"])
     promotion.promote(p, model, version, "evaluated: gate " + ("passed" if verdict["passed"] else "failed"),
                       alias="candidate")
@@ -179,14 +179,18 @@ def apply_gate(report: dict, kind: str, model: str, version: int, request_ids: l
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def promote_version(model: str, version: int, reason: str) -> dict:
-    """Production moves to the version (gate and files checked); its requests become promoted."""
-    return promotion.promote(Platform(), model, version, reason)
+def promote_version(model: str, version: int, reason: str, expected: int | None) -> dict:
+    """Production moves to the version (gate and files checked) if it is still EXPECTED, the version the run
+    started from; its requests become promoted. Otherwise {"moved": why}, and nothing moves."""
+    try:
+        return promotion.promote(Platform(), model, version, reason, expected=expected)
+    except promotion.ProductionMoved as exc:
+        return {"changed": False, "moved": str(exc)}
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
-def hold(request_ids: list[str]) -> None:
-    """The gate held the version: its requests wait for an operator."""
+def hold(request_ids: list[str], reason: str | None = None) -> None:
+    """The requests wait for an operator (the gate held their version, or production moved under the run)."""
     requests = Platform().requests
     for rid in request_ids:
-        requests.update(rid, "held")
+        requests.update(rid, "held", reason=reason[:500] if reason else None)

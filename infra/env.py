@@ -21,10 +21,8 @@ def quiet() -> None:
     """Set the quiet environment (keeping what the user set) and silence warnings nobody has to act on."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    # Library deprecation notices and MLflow's advice on type hints in the pyfunc wrapper (deliberately absent:
-    # see registry/pyfunc_model.py) say nothing an operator must act on.
+    # Library deprecation notices and MLflow's progress notes ("waiting for model version") say nothing an
+    # operator must act on; MLflow's real warnings and errors still show.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*type hint.*")
-    for name in ("mlflow.pyfunc", "mlflow.models.model", "mlflow.types.type_hints", "mlflow.utils.requirements_utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)

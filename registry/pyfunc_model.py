@@ -18,13 +18,16 @@ MODEL_DIR = Path(__file__).resolve().parent
 
 
 class StableDiffusionVersion(PythonModel):
+    # predict takes prompts and params (seed, steps, guidance) with no type hints, on purpose: MLflow would derive
+    # the signature from them and drop the params of the explicit one. This tells MLflow not to look for hints
+    # (and not to warn about their absence on every import).
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from registry.load import default_cache_dir, pipeline_from_dir
 
         self.pipe = pipeline_from_dir(MODEL_DIR, mlflow.get_tracking_uri(), default_cache_dir())
 
-    # No type hints on predict, on purpose: MLflow would derive the signature from them and drop the
-    # params (seed, steps, guidance) of the explicit one.
     def predict(self, context, model_input, params=None):
         """Prompts -> uint8 images (N, H, W, 3); params: seed (image i uses seed + i), num_inference_steps,
         guidance_scale."""

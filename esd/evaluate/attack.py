@@ -74,6 +74,7 @@ def recover(pipe, judge: Judge, base: toy_eval.Judged, concept: str, steps: int 
     opt = torch.optim.Adam([token.vector], lr=lr)
     was_training = unet.training
     unet.eval()
+    loss = None
     try:
         for _ in range(steps):
             pick = torch.randint(len(idx), (batch,), generator=gen)
@@ -93,4 +94,4 @@ def recover(pipe, judge: Judge, base: toy_eval.Judged, concept: str, steps: int 
         unet.train(was_training)
     judged = judge.classify(images)[head]
     return {"success": sum(p == cls for p in judged) / len(judged), "steps": steps, "images": len(judged),
-            "final_loss": loss.item()}
+            "final_loss": None if loss is None else loss.item()}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.gate import GateSettings, Thresholds, verdict
+from flows.gate import GateError, GateSettings, Thresholds, load_settings, verdict
 
 
 def report(rate=0.02, preservation=0.98, regression=None, **extra) -> dict:
@@ -55,3 +55,25 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert settings.for_kind("style").min_preservation == 0.95          # the rest keep their defaults
     assert verdict(report(rate=0.17), "style", settings)["passed"]
     assert not verdict(report(rate=0.17), "object", settings)["passed"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ESD_GATE_STYLE": '{"max_concept_rate": NaN, "min_preservation": -1}'}, "Input should be a finite number"),
+    ({"ESD_GATE_STYLE": '{"min_preservation": -1}'}, "greater than or equal to 0"),
+    ({"ESD_GATE_OBJECT": '{"max_concept_rate": 1.5}'}, "less than or equal to 1"),
+    ({"ESD_GATE_STYLE": '{"max_rate": 0.1}'}, "max_rate: Extra inputs are not permitted"),
+    ({"ESD_GATE_STYLE": "{not json"}, "not valid JSON"),
+    ({"ESD_GATE_WEATHER": "{}"}, "unknown gate setting ESD_GATE_WEATHER"),
+])
+def test_bad_gate_settings_are_refused_not_read_as_no_limit(monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(GateError, match=message):
+        load_settings()
+    with pytest.raises(GateError):
+        verdict(report(rate=0.99), "style")          # a 99%-residual candidate never passes on bad settings
+
+
+def test_a_missing_regression_figure_holds():
+    v = verdict(report(regression={"circle": {"rate": None, "base_rate": 1.0}}), "style")
+    assert not v["passed"] and "regression for earlier erased 'circle' was not computed" in v["reasons"]

@@ -38,4 +38,6 @@ def make_delta(base: Path, out: Path, concepts: list[str], *, seed: int, prior: 
 
 def mark_gate(store, name: str, version: int, verdict: str = "passed") -> None:
     """Record an evaluation verdict on a version, as the takedown flow does before promoting."""
-    store.mlflow().set_model_version_tag(name, str(version), "esd.gate", verdict)
+    from registry.versions import record_gate
+
+    record_gate(store, name, version, verdict == "passed", [] if verdict == "passed" else ["held in a test"])

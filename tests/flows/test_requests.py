@@ -1,0 +1,122 @@
+"""Request records and the one promotion path, on real S3 and MLflow servers (no Prefect needed): allowed moves
+only, a withdrawal that wins, retries, and production that never moves under a run that started elsewhere."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+import registry
+from flows import promotion
+from flows.platform import Platform
+from flows.requests import Request, RequestError
+from infra.errors import ReasonRequired
+from tests.registry.deltas import make_delta, mark_gate
+
+
+@pytest.fixture(scope="module")
+def platform(stack) -> Platform:
+    return Platform(stack)
+
+
+def filed(platform: Platform, concept: str = "Vela Moreau", kind: str = "style", model: str = "toy-sd") -> Request:
+    record, new = platform.requests.file(Request(concept=concept, kind=kind, model=model,
+                                                 request_id=f"req-{uuid.uuid4().hex[:8]}").validate())
+    assert new and record.status == "received"
+    return record
+
+
+def test_a_request_moves_only_along_its_lifecycle(platform):
+    reqs = platform.requests
+    r = filed(platform)
+    for status in ("running", "running", "candidate", "promoted"):      # the same status again is no move
+        assert reqs.update(r.request_id, status).status == status
+    for bad in ("running", "received", "candidate", "failed"):
+        with pytest.raises(RequestError, match=f"is promoted; it cannot become {bad}"):
+            reqs.update(r.request_id, bad)
+    assert reqs.update(r.request_id, "held").status == "held"          # its version left production
+    assert reqs.withdraw(r.request_id, "artist withdrew", "ops").status == "withdrawn"
+    with pytest.raises(RequestError, match="is withdrawn; it cannot become promoted"):
+        reqs.update(r.request_id, "promoted")
+    assert reqs.withdraw(r.request_id, "again", "ops").status == "withdrawn"     # idempotent
+    with pytest.raises(ReasonRequired):
+        reqs.withdraw(filed(platform).request_id, "  ", "ops")
+
+
+def test_a_withdrawal_during_a_run_wins(platform):
+    reqs = platform.requests
+    r = filed(platform)
+    reqs.start(r.request_id, "flow-run-1")
+    reqs.withdraw(r.request_id, "requester withdrew mid-run", "ops")
+    with pytest.raises(RequestError, match="cannot become candidate"):
+        reqs.update(r.request_id, "candidate", model_version=2)           # what the run would do next
+    reqs.fail([r.request_id], RuntimeError("the run broke afterwards"))   # and its failure handler
+    got = reqs.require(r.request_id)
+    assert got.status == "withdrawn" and got.model_version is None
+    with pytest.raises(RequestError, match="was withdrawn"):
+        reqs.start(r.request_id, "flow-run-2")
+
+
+def test_a_failed_request_comes_back_only_by_retry(platform):
+    reqs = platform.requests
+    r = filed(platform)
+    with pytest.raises(RequestError, match="only a failed request can be retried"):
+        reqs.retry(r.request_id)
+    reqs.start(r.request_id, "flow-run-1")
+    reqs.fail([r.request_id], RuntimeError("worker killed\nTraceback ..."))
+    failed = reqs.require(r.request_id)
+    assert (failed.status, failed.reason) == ("failed", "worker killed")
+    with pytest.raises(RequestError, match="is failed; it cannot become running"):
+        reqs.start(r.request_id, "flow-run-2")
+    again = reqs.retry(r.request_id)
+    assert (again.status, again.attempt, again.reason) == ("received", "2", "retried")
+    assert reqs.start(r.request_id, "flow-run-2").status == "running"
+    promoted = filed(platform)
+    reqs.update(promoted.request_id, "running")
+    reqs.update(promoted.request_id, "candidate")
+    reqs.update(promoted.request_id, "promoted")
+    reqs.fail([promoted.request_id], RuntimeError("a report failed after promotion"))
+    assert reqs.require(promoted.request_id).status == "promoted"
+
+
+@pytest.fixture
+def line(platform, tiny_sd, tmp_path):
+    """A model with v1 = tiny base (production) and v2 = an erasure serving one candidate request."""
+    name = f"toy-{uuid.uuid4().hex[:6]}"
+    registry.import_base(platform.store, tiny_sd, name)
+    promotion.promote(platform, name, 1, "base line", "ops")
+    req = filed(platform, model=name)
+    platform.requests.start(req.request_id, "run")
+    registry.register_erased(platform.store, name, make_delta(tiny_sd, tmp_path / "d2", ["Vela Moreau"], seed=1,
+                                                              request_ids=[req.request_id]))
+    platform.requests.update(req.request_id, "candidate", model_version=2)
+    return name, req
+
+
+def test_promotion_moves_the_versions_requests_and_refuses_a_failed_gate(platform, line):
+    name, req = line
+    with pytest.raises(registry.RegistryError, match="has not passed its gate"):
+        promotion.promote(platform, name, 2, "takedown", "flow")
+    assert platform.requests.require(req.request_id).status == "candidate"
+    mark_gate(platform.store, name, 2)
+    event = promotion.promote(platform, name, 2, "takedown: gate passed", "flow", expected=1)
+    assert (event["from"], event["to"], event["changed"]) == (1, 2, True)
+    got = platform.requests.require(req.request_id)
+    assert (got.status, got.model_version) == ("promoted", "2")
+
+
+def test_production_that_moved_under_a_run_is_not_overwritten(platform, line, tiny_sd, tmp_path):
+    name, req = line
+    mark_gate(platform.store, name, 2)
+    # v3 was built on v1 by a run that started before v2 was promoted: promoting it would drop v2's erasure
+    registry.register_erased(platform.store, name, make_delta(tiny_sd, tmp_path / "d3", ["circle"], seed=2))
+    mark_gate(platform.store, name, 3)
+    promotion.promote(platform, name, 2, "first takedown", "flow", expected=1)
+    history = registry.history(platform.store, name)
+    with pytest.raises(promotion.ProductionMoved, match="moved from v1 to v2"):
+        promotion.promote(platform, name, 3, "second takedown", "flow", expected=1)
+    assert registry.resolve(platform.store, f"{name}@production").version == "2"
+    assert registry.history(platform.store, name) == history
+    # an operator's promotion (no expected parent) still decides
+    assert promotion.promote(platform, name, 3, "reviewed: v3 replaces v2", "ops")["to"] == 3
