@@ -50,6 +50,8 @@ ESD_ONLY = ("iterations", "lr", "eta", "ddim_steps", "guidance", "mode", "sample
 CLOSED_FORM_ONLY = ("align", "templates", "guide", "preserve", "erase_scale", "preserve_scale", "lamb", "push", "rounds",
                     "robust_reg")
 MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS = 64, 512, 10
+# Bounds on what one request may ask of a worker: ESD's paper runs 1000 iterations over 50 DDIM steps.
+MAX_ITERATIONS, MAX_DDIM_STEPS = 100_000, 1000
 # Fast mode reaches x_t in at most this many DDIM jumps instead of up to 50 steps (the sampling is ~85% of the
 # reference loop's cost); its effect on erasure is measured by `esd bench speed` (reference vs fast H score).
 FAST_SAMPLE_STEPS = 10
@@ -104,6 +106,17 @@ class EraseConfig:
     rounds: int | None = None            # hardening rounds against recovered embeddings (uce-robust: 2)
     robust_reg: float | None = None      # regulariser of the recovered embedding
 
+    @classmethod
+    def with_overrides(cls, concepts: list[str], method: str, overrides: dict) -> "EraseConfig":
+        """A config from a request's concept and method plus settings given as a dict (a flow's parameters),
+        validated: an unknown setting or a bad value is refused before any work."""
+        if not isinstance(overrides, dict):
+            raise EraseError(f"erase settings must be a mapping, got {type(overrides).__name__}")
+        unknown = sorted(set(overrides) - (set(cls.__dataclass_fields__) - {"concepts", "method"}))
+        if unknown:
+            raise EraseError(f"unknown erase setting {unknown[0]!r}")
+        return cls(list(concepts), method=method, **overrides).validate()
+
     @property
     def kind(self) -> str:
         return methods.get(self.method).kind
@@ -116,10 +129,12 @@ class EraseConfig:
             self.anchor = validate_concept(self.anchor, "anchor")
         methods.get(self.method)
         self._validate_closed_form()
-        for name in ("iterations", "ddim_steps"):
+        for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise EraseError(f"{name} must be a positive integer, got {value}")
+            if value is not None and value > most:
+                raise EraseError(f"{name} is {value}; the limit is {most}")
         for name in ("eta", "lr"):
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value <= 0):

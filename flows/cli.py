@@ -115,6 +115,7 @@ def request_app() -> typer.Typer:
     app.command("show")(request_show)
     app.command("withdraw")(request_withdraw)
     app.command("retry")(request_retry)
+    app.command("reap")(request_reap)
     return app
 
 
@@ -260,6 +261,23 @@ def request_retry(request_id: str = typer.Argument(..., help="the failed request
         typer.echo(json.dumps(req))
     else:
         _print_request(req)
+
+
+@one_line_errors
+def request_reap(as_json: bool = AS_JSON):
+    """Fail the requests whose flow run is dead (also runs every ESD_REAP_MINUTES on the worker)."""
+    from flows.deploy import prefect_api
+    from flows.reaper import reap_dead
+
+    p = running_platform("all")
+    with prefect_api(p.settings.prefect_api):
+        dead = reap_dead(p)
+    if as_json:
+        typer.echo(json.dumps([request_id for request_id, _ in dead]))
+        return
+    for request_id, why in dead:
+        console.print(f"request {request_id}: failed ({why})")
+    console.print(f"failed {len(dead)} request(s) whose run was dead")
 
 
 @one_line_errors

@@ -39,11 +39,14 @@ def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
             pass
 
 
-def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, timeout_s: int = 6 * 3600) -> list[str]:
-    """Create or update every deployment (quietly); retrain runs on the cron schedule and on demand."""
+def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, timeout_s: int = 6 * 3600,
+               reap_minutes: int = 10) -> list[str]:
+    """Create or update every deployment (quietly); retrain runs on the cron schedule and on demand, the reaper
+    every REAP_MINUTES."""
     from prefect.deployments.runner import EntrypointType
 
     from flows.operator import promote, rollback, withdraw
+    from flows.reaper import reap
     from flows.retrain import retrain
     from flows.takedown import takedown
 
@@ -52,7 +55,8 @@ def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, tim
     for fl, extra in [(takedown.with_options(timeout_seconds=timeout_s), {}), (promote, {}), (rollback, {}),
                       (withdraw, {}),
                       (retrain.with_options(timeout_seconds=timeout_s),
-                       {"cron": retrain_cron, "parameters": {"model": retrain_model}})]:
+                       {"cron": retrain_cron, "parameters": {"model": retrain_model}}),
+                      (reap, {"interval": reap_minutes * 60})]:
         dep = fl.to_deployment(name=fl.name, entrypoint_type=EntrypointType.MODULE_PATH, work_pool_name=pool, **extra)
         ids.append(str(dep.apply(work_pool_name=pool)))
     return ids
@@ -66,5 +70,6 @@ def up(settings: Settings) -> list[stack.ServiceStatus]:
     load_settings()
     rows = stack.up(settings)
     with prefect_api(settings.prefect_api):
-        deploy_all(settings.retrain_cron, settings.retrain_model, settings.work_pool, settings.flow_timeout_s)
+        deploy_all(settings.retrain_cron, settings.retrain_model, settings.work_pool, settings.flow_timeout_s,
+                   settings.reap_minutes)
     return rows

@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from esd.erase import EraseError, validate_concept
 from infra.errors import first_line, require_reason
+from registry.store import RegistryError
+from registry.versions import model_name
 from esd.methods import DEFAULT_BY_KIND, get as get_method
 
 EXPERIMENT = "takedown-requests"
@@ -38,6 +40,7 @@ MOVES = {"received": {"running", "failed", "withdrawn"},
 FINAL = {"promoted": RunStatus.FINISHED, "held": RunStatus.FINISHED, "withdrawn": RunStatus.KILLED,
          "failed": RunStatus.FAILED}
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+PAGE = 500      # records per search page
 
 
 class RequestError(ValueError):
@@ -65,6 +68,10 @@ class Request:
         try:
             self.concept = validate_concept(self.concept)
         except EraseError as exc:
+            raise RequestError(str(exc)) from None
+        try:
+            model_name(self.model)
+        except RegistryError as exc:
             raise RequestError(str(exc)) from None
         if self.kind not in KINDS:
             raise RequestError(f"unknown kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
@@ -121,10 +128,19 @@ class Requests:
             raise RequestError(f"no request with id {request_id!r}")
         return req
 
-    def list(self, status: str | None = None, max_results: int = 200) -> list[Request]:
-        query = f"tags.`esd.status` = '{_quote(status)}'" if status else ""
-        runs = self.client.search_runs([self.experiment_id], query, max_results=max_results,
-                                       order_by=["attributes.start_time DESC"])
+    def list(self, status: str | None = None, model: str | None = None, max_results: int | None = 200) -> list[Request]:
+        """Requests, newest first, filtered by the server on status and model; max_results None: all of them,
+        page by page."""
+        query = " and ".join(f"tags.`esd.{k}` = '{_quote(v)}'" for k, v in (("status", status), ("model", model)) if v)
+        runs, token = [], None
+        while max_results is None or len(runs) < max_results:
+            size = PAGE if max_results is None else min(PAGE, max_results - len(runs))
+            page = self.client.search_runs([self.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                           max_results=size, page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                break
         return [_from_run(r) for r in runs]
 
     def update(self, request_id: str, status: str | None = None, **fields) -> Request:
@@ -191,8 +207,8 @@ class Requests:
                 self.update(rid, "promoted", model_version=int(version))
 
     def active(self, model: str) -> list[Request]:
-        """The requests a retrain of MODEL must erase."""
-        return [r for r in self.list() if r.model == model and r.status in ACTIVE]
+        """Every request a retrain of MODEL must erase, however many records there are."""
+        return [r for status in ACTIVE for r in self.list(status, model, max_results=None)]
 
 
 def _quote(value: str) -> str:

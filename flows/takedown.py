@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from esd.erase import EraseConfig
 from flows.gate import load_settings
 from flows.platform import Platform
 from flows.report import publish_report
@@ -25,10 +26,12 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
     try:
         load_settings()          # the gate's settings are checked before any work, not after the erasure
         req = start_request(request_id, flow_run.get_id())
+        settings = {"concept_kind": req["kind"]} | (overrides or {})
+        EraseConfig.with_overrides([req["concept"]], req["method"], settings)      # refused before any work
         parent = resolve_parent(req["model"])
         key = f"takedown-{request_id}"
         delta_dir = erase_concepts(key, req["model"], parent["version"], [req["concept"]], req["method"],
-                                   [request_id], {"concept_kind": req["kind"]} | (overrides or {}))
+                                   [request_id], settings)
         report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
         version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
         verdict = apply_gate(report, req["kind"], req["model"], version, [request_id])

@@ -71,7 +71,7 @@ def erase_concepts(key: str, model: str, parent_version: int, concepts: list[str
         pipe, parent = load_parts(Platform().store, f"{model}/{parent_version}")
         if parent_delta_dir is not None:
             parent = delta_lib.load(parent_delta_dir)
-        cfg = EraseConfig(list(concepts), method=method, **overrides)
+        cfg = EraseConfig.with_overrides(concepts, method, overrides)
         d = erase(pipe, cfg, parent=parent, progress=False, callback=_log_progress)
     d.manifest.update(parent_version=parent_version, request_ids=list(request_ids))
     tmp = out.with_name("delta.partial")

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     retrain_cron: str = "0 3 * * *"      # nightly consolidation
     retrain_model: str = "toy-sd"
     flow_timeout_s: int = Field(6 * 3600, ge=60, description="a takedown or retrain run longer than this fails")
+    reap_minutes: int = Field(10, ge=1, description="how often the reaper fails requests whose flow run is dead")
 
     # Evaluation inside a takedown or retrain (the toy judge): DDIM steps per image, and whether the recovery
     # attack runs (about 30 s a concept on the toy; `esd bench quality` always runs it).

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from infra.errors import require_reason
 from registry.store import RegistryError, Store
-from registry.versions import GATE_TAG, resolve, verify
+from registry.versions import GATE_TAG, model_name, resolve, verify
 
 ALIASES = ("production", "candidate")
 HISTORY_PREFIX = "esd.history."
@@ -27,7 +27,7 @@ MAX_REASON = 2000
 
 def history(store: Store, name: str) -> list[dict]:
     """Every alias move of NAME, oldest first."""
-    tags = store.mlflow().get_registered_model(name).tags or {}
+    tags = store.mlflow().get_registered_model(model_name(name)).tags or {}
     return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
 
 

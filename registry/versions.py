@@ -35,6 +35,15 @@ def experiment_name(name: str) -> str:
 # --- resolving references ------------------------------------------------------------------------------------
 
 _REF = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def model_name(name: str) -> str:
+    """A registered model name as the registry accepts it (it also goes into MLflow's search filters)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise RegistryError(f"model name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                            "letter or digit")
+    return name
 
 
 def resolve(store: Store, ref: str):
@@ -44,6 +53,7 @@ def resolve(store: Store, ref: str):
     m = _REF.match(ref.strip())
     if not m:
         raise RegistryError(f"not a model reference: {ref!r} (use NAME/VERSION or NAME@ALIAS)")
+    model_name(m["name"])
     client = store.mlflow()
     try:
         if m["alias"]:
@@ -70,7 +80,7 @@ def base_version(store: Store, name: str):
 
 
 def _all_versions(store: Store, name: str) -> list:
-    versions = store.mlflow().search_model_versions(f"name='{name}'")
+    versions = store.mlflow().search_model_versions(f"name='{model_name(name)}'")
     return sorted(versions, key=lambda mv: int(mv.version))
 
 
@@ -169,6 +179,7 @@ def import_base(store: Store, path: str | Path, name: str, description: str = ""
     from diffusers import UNet2DConditionModel
     from mlflow.exceptions import MlflowException
 
+    model_name(name)
     folder = check_folder(path)
     client = store.mlflow()
     try:
@@ -242,7 +253,7 @@ def _row(mv, aliases: dict[str, str]) -> dict:
 
 
 def _aliases(store: Store, name: str) -> dict[str, str]:
-    return dict(store.mlflow().get_registered_model(name).aliases or {})
+    return dict(store.mlflow().get_registered_model(model_name(name)).aliases or {})
 
 
 def list_versions(store: Store, name: str, erased: str | None = None) -> list[dict]:

@@ -10,6 +10,8 @@ Anything else (style or object efficacy without a judge) is listed under "not_co
 from __future__ import annotations
 
 import csv
+import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,23 +42,30 @@ def read_prompt_csv(path: str | Path, limit: int | None = None) -> list[PromptRo
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in I2P_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PromptFileError(f"{path.name} lacks column(s) {', '.join(missing)}; I2P format needs "
-                                  f"{', '.join(I2P_COLUMNS)}")
-        rows = []
-        for n, r in enumerate(reader, start=2):
-            if not (r["prompt"] or "").strip():
-                raise PromptFileError(f"{path.name} line {n}: empty prompt")
-            try:
-                seed = int(float(r["evaluation_seed"]))
-            except (TypeError, ValueError):
-                raise PromptFileError(f"{path.name} line {n}: evaluation_seed {r['evaluation_seed']!r} is not a number")
-            rows.append(PromptRow(r["prompt"].strip(), seed, str(r["case_number"])))
-            if limit and len(rows) >= limit:
-                break
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path.name} is not UTF-8 text (byte {exc.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in I2P_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise PromptFileError(f"{path.name} lacks column(s) {', '.join(missing)}; I2P format needs "
+                              f"{', '.join(I2P_COLUMNS)}")
+    rows = []
+    for n, r in enumerate(reader, start=2):
+        if not (r["prompt"] or "").strip():
+            raise PromptFileError(f"{path.name} line {n}: empty prompt")
+        try:
+            value = float(r["evaluation_seed"])
+            if not math.isfinite(value) or value < 0 or value >= 2 ** 63:
+                raise ValueError
+            seed = int(value)
+        except (TypeError, ValueError):
+            raise PromptFileError(f"{path.name} line {n}: evaluation_seed {r['evaluation_seed']!r} is not a seed "
+                                  "(a whole number from 0 to 2^63 - 1)") from None
+        rows.append(PromptRow(r["prompt"].strip(), seed, str(r["case_number"])))
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise PromptFileError(f"{path.name} has no prompts")
     return rows

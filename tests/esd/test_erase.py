@@ -66,6 +66,9 @@ def test_fast_mode_holds_no_second_unet(tiny_sd):
     (dict(eta=0.0), "eta must be > 0"),
     (dict(eta=-1.0), "eta must be > 0"),
     (dict(concepts=[]), "no concept"),
+    (dict(iterations=10 ** 9), "iterations is 1000000000; the limit is 100000"),
+    (dict(iterations=True), "iterations must be a positive integer"),
+    (dict(ddim_steps=5000), "ddim_steps is 5000; the limit is 1000"),
 ])
 def test_bad_input_is_refused(kw, message):
     with pytest.raises((EraseError, ValueError), match=message):
@@ -98,3 +101,16 @@ def test_missing_part_of_a_model_folder_is_named(tiny_sd, tmp_path):
     from esd.models import ModelError
     with pytest.raises(ModelError, match="missing unet/config.json"):
         load_pipeline(broken)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"iterationz": 5}, "unknown erase setting 'iterationz'"),
+    ({"concepts": ["circle"]}, "unknown erase setting 'concepts'"),
+    ({"iterations": -1}, "iterations must be a positive integer"),
+    ({"push": float("nan")}, "push"),
+    ([("iterations", 5)], "erase settings must be a mapping"),
+])
+def test_settings_given_as_a_mapping_are_checked_before_any_work(overrides, message):
+    with pytest.raises(EraseError, match=message):
+        EraseConfig.with_overrides(["Vela Moreau"], "uce", overrides)
+    assert EraseConfig.with_overrides(["Vela Moreau"], "esd-x", {"iterations": 5}).iterations == 5

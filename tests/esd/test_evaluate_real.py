@@ -16,7 +16,9 @@ def test_i2p_prompt_file_is_read(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("prompt,case_number\nx,1\n", "lacks column(s) evaluation_seed"),
-    ("prompt,evaluation_seed,case_number\nx,abc,1\n", "line 2: evaluation_seed 'abc' is not a number"),
+    ("prompt,evaluation_seed,case_number\nx,abc,1\n", "line 2: evaluation_seed 'abc' is not a seed"),
+    ("prompt,evaluation_seed,case_number\nx,inf,1\n", "line 2: evaluation_seed 'inf' is not a seed"),
+    ("prompt,evaluation_seed,case_number\nx,-3,1\n", "line 2: evaluation_seed '-3' is not a seed"),
     ("prompt,evaluation_seed,case_number\n ,1,1\n", "line 2: empty prompt"),
     ("prompt,evaluation_seed,case_number\n", "has no prompts"),
 ])
@@ -62,3 +64,10 @@ def test_nudity_counts_exposed_classes_above_the_threshold_only():
     assert counts == {"images": 4, "flagged_images": 2, "share": 0.5,
                       "per_class": {"FEMALE_BREAST_EXPOSED": 2, "MALE_GENITALIA_EXPOSED": 1}}
     assert detector.seen == [(64, 64, 4)] * 4           # each image as H x W x RGBA uint8
+
+
+def test_a_prompt_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,evaluation_seed,case_number\ncaf\xe9,1,1\n".encode("latin-1"))
+    with pytest.raises(PromptFileError, match="is not UTF-8 text"):
+        read_prompt_csv(path)

@@ -120,6 +120,8 @@ def test_duplicate_submit_gives_one_run_and_one_version(platform, vela):
     (["request", "submit", "circle", "--kind", "object", "--model", "no-such-sd"], "unknown base model 'no-such-sd'"),
     (["request", "submit", "circle", "--kind", "object", "--requester", "jane@example.com"], "not an e-mail"),
     (["request", "withdraw", "no-such-request", "--reason", "x"], "no request with id 'no-such-request'"),
+    (["request", "submit", "circle", "--kind", "object", "--model", "toy' or name='x"], "model name"),
+    (["request", "retry", "no-such-request"], "no request with id 'no-such-request'"),
     (["model", "promote", "toy-sd", "1", "--reason", " "], "a reason is required"),
 ])
 def test_bad_requests_are_refused_and_nothing_is_filed(platform, args, message):
@@ -200,3 +202,23 @@ def test_promote_from_the_command_line_promotes_held_requests(platform, vela):
     assert req.status == "promoted" and str(req.model_version) == str(version)
     last = json.loads(esd("model", "history", "toy-sd", "--json").output)[-1]
     assert (last["to"], last["actor"]) == (version, "ops")
+
+
+def test_the_reaper_fails_requests_whose_run_is_dead(platform, vela):
+    from flows.requests import Request
+
+    # as if the worker had been killed: the record still says running, its flow run is over (or gone)
+    stuck, _ = platform.requests.file(Request(concept="circle", kind="object", model="toy-sd",
+                                              request_id="req-stuck-1").validate())
+    platform.requests.start(stuck.request_id, vela["flow_run_id"])
+    gone, _ = platform.requests.file(Request(concept="square", kind="object", model="toy-sd",
+                                             request_id="req-gone-1").validate())
+    platform.requests.start(gone.request_id, "00000000-0000-0000-0000-000000000000")
+    r = esd("request", "reap", "--json")
+    assert r.exit_code == 0, r.output
+    assert {"req-stuck-1", "req-gone-1"} <= set(json.loads(r.output))
+    stuck, gone = platform.requests.require("req-stuck-1"), platform.requests.require("req-gone-1")
+    assert (stuck.status, gone.status) == ("failed", "failed")
+    assert "ended Completed without finishing" in stuck.reason and "no longer exists" in gone.reason
+    assert platform.requests.require("req-vela-1").status == "promoted"        # a finished request is left alone
+    assert "req-stuck-1" not in json.loads(esd("request", "reap", "--json").output)

@@ -120,3 +120,25 @@ def test_production_that_moved_under_a_run_is_not_overwritten(platform, line, ti
     assert registry.history(platform.store, name) == history
     # an operator's promotion (no expected parent) still decides
     assert promotion.promote(platform, name, 3, "reviewed: v3 replaces v2", "ops")["to"] == 3
+
+
+def test_a_retrain_gathers_every_active_request_of_its_model_page_by_page(platform, monkeypatch):
+    import flows.requests
+
+    monkeypatch.setattr(flows.requests, "PAGE", 2)
+    model = f"toy-{uuid.uuid4().hex[:6]}"
+    moves = {"promoted": ["running", "candidate", "promoted"], "held": ["running", "held"],
+             "candidate": ["running", "candidate"], "failed": ["running", "failed"], "received": []}
+    made = {}
+    for i, (final, path) in enumerate(list(moves.items()) * 2):
+        r = filed(platform, concept=f"circle {i}", kind="object", model=model)
+        for status in path:
+            platform.requests.update(r.request_id, status)
+        made[r.request_id] = final
+    filed(platform, model=model + "-other")                                   # another model's request
+    platform.requests.withdraw(next(k for k, v in made.items() if v == "promoted"), "withdrawn", "ops")
+    active = {r.request_id for r in platform.requests.active(model)}
+    expected = {k for k, v in made.items() if v in ("promoted", "held", "candidate")}
+    assert len(expected) == 6 and active == expected - {next(k for k, v in made.items() if v == "promoted")}
+    assert len(platform.requests.list(model=model, max_results=None)) == 10
+    assert len(platform.requests.list(model=model, max_results=3)) == 3

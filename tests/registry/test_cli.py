@@ -62,6 +62,10 @@ def test_import_list_show_lineage_promote_history(env, stack, tiny_sd, tmp_path)
     (("model", "promote", "no-such-model", "1", "--reason", "x"), "no model version"),
     (("model", "rollback", "no-such-model", "--reason", "x"), "no-such-model"),
     (("base", "import", "/nonexistent", "--name", "x"), "model folder not found"),
+    (("model", "list", "toy' or name='other"), "model name \"toy' or name='other\" must be"),
+    (("model", "show", "../etc", "1"), "not a model reference: '../etc/1'"),
+    (("model", "history", "toy' or name='other"), "must be 1-100 letters"),
+    (("base", "import", "/nonexistent", "--name", "a b"), "model name 'a b' must be"),
 ])
 def test_errors_are_one_line(env, args, message):
     out = run(env, *args)
