@@ -5,6 +5,7 @@ or moved when input is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -291,17 +292,38 @@ def request_withdraw(request_id: str = typer.Argument(..., help="the request's i
 
 # --- promotion (the `model promote` and `model rollback` commands) --------------------------------------------
 
+@contextlib.contextmanager
+def lineage_held(p: Platform, model: str):
+    """The model's lineage slot, as the flows take it, where this stack runs Prefect (a registry-only set-up runs no
+    flows that could interleave); waits for a running takedown or retrain on the model, at most ten minutes."""
+    from infra import stack
+
+    if not all(r.up for r in stack.status(p.settings, ("prefect-server",))):
+        yield
+        return
+    from flows.deploy import lineage_slot, prefect_api
+
+    with prefect_api(p.settings.prefect_api), contextlib.ExitStack() as held:
+        with Console(stderr=True).status(f"waiting for any takedown or retrain on {model} to finish"):
+            held.enter_context(lineage_slot(model, timeout_seconds=600))
+        yield
+
+
 def promote(name: str, version: int, reason: str, actor: str | None, alias: str = "production",
             force: bool = False) -> dict:
     from flows import promotion
 
-    return promotion.promote(running_platform(), name, version, reason, actor, alias=alias, force=force)
+    p = running_platform()
+    with lineage_held(p, name):
+        return promotion.promote(p, name, version, reason, actor, alias=alias, force=force)
 
 
 def rollback(name: str, reason: str, actor: str | None, to: int | None = None) -> dict:
     from flows import promotion
 
-    return promotion.rollback(running_platform(), name, reason, actor, to)
+    p = running_platform()
+    with lineage_held(p, name):
+        return promotion.rollback(p, name, reason, actor, to)
 
 
 # --- operations -----------------------------------------------------------------------------------------------

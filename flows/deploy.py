@@ -21,6 +21,23 @@ def prefect_api(url: str):
     return temporary_settings(updates={PREFECT_API_URL: url})
 
 
+def lineage_slot(model: str, timeout_seconds: float | None = None):
+    """One writer per model lineage: a takedown or retrain holds its model's slot from reading production to moving
+    it, so runs on one model cannot interleave (each also refuses a production that moved; flows.promotion)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = f"model-{model}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds)
+
+
 def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate

@@ -6,6 +6,7 @@ import hashlib
 
 from prefect import flow
 
+from flows.deploy import lineage_slot
 from flows.gate import load_settings
 from flows.platform import Platform
 from flows.report import publish_report
@@ -34,33 +35,34 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
 
     load_settings()          # the gate's settings are checked before any work
     p = Platform()
-    production = (p.store.mlflow().get_registered_model(model).aliases or {}).get("production")
-    active = [vars(r) for r in p.requests.active(model)]
-    if not active:
-        print(f"no active requests for {model}: nothing to retrain")
-        return {"model": model, "model_version": None, "request_ids": []}
-    ids = sorted(r["request_id"] for r in active)
-    base = int(base_version(p.store, model).version)
-    key = "retrain-" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
-    # One erasure per method and kind (each kind's default method unless a request chose), each stacked on the last.
-    delta_dir, erased = None, []
-    for (method, kind), concepts in group_by_method(active).items():
-        delta_dir = erase_concepts(f"{key}-{method}-{kind}", model, base, concepts, method, ids,
-                                   {"concept_kind": kind} | (overrides or {}), delta_dir)
-        erased += concepts
-    report = evaluate_candidate(key, model, delta_dir, erased, [], kind_of(active))
-    version = register_candidate(model, delta_dir, ids, report, None)
-    # The requests keep their status until production moves: promotion then brings any held ones along.
-    verdict = apply_gate(report, kind_of(active), model, version, [])
-    status = "held"
-    if verdict["passed"]:
-        # a takedown promoted while this ran would be dropped: promote only over what the retrain saw
-        moved = promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed",
-                                int(production) if production is not None else None).get("moved")
-        if moved:
-            print(moved)
-        else:
-            status = "promoted"
+    with lineage_slot(model):
+        production = (p.store.mlflow().get_registered_model(model).aliases or {}).get("production")
+        active = [vars(r) for r in p.requests.active(model)]
+        if not active:
+            print(f"no active requests for {model}: nothing to retrain")
+            return {"model": model, "model_version": None, "request_ids": []}
+        ids = sorted(r["request_id"] for r in active)
+        base = int(base_version(p.store, model).version)
+        key = "retrain-" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:16]
+        # One erasure per method and kind (each kind's default unless a request chose), solved with the ones before.
+        delta_dir, erased = None, []
+        for (method, kind), concepts in group_by_method(active).items():
+            delta_dir = erase_concepts(f"{key}-{method}-{kind}", model, base, concepts, method, ids,
+                                       {"concept_kind": kind} | (overrides or {}), delta_dir)
+            erased += concepts
+        report = evaluate_candidate(key, model, delta_dir, erased, [], kind_of(active))
+        version = register_candidate(model, delta_dir, ids, report, None)
+        # The requests keep their status until production moves: promotion then brings any held ones along.
+        verdict = apply_gate(report, kind_of(active), model, version, [])
+        status = "held"
+        if verdict["passed"]:
+            # a takedown promoted while this ran would be dropped: promote only over what the retrain saw
+            moved = promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed",
+                                    int(production) if production is not None else None).get("moved")
+            if moved:
+                print(moved)
+            else:
+                status = "promoted"
     publish_report(f"Retrain {model}: {len(ids)} request(s)", ids, model, version, report, verdict, status, None,
                    prefix="retrain")
     return {"model": model, "model_version": version, "request_ids": ids, "verdict": verdict, "status": status}

@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from esd.erase import EraseConfig
+from flows.deploy import lineage_slot
 from flows.gate import load_settings
 from flows.platform import Platform
 from flows.report import publish_report
@@ -28,23 +29,24 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
         req = start_request(request_id, flow_run.get_id())
         settings = {"concept_kind": req["kind"]} | (overrides or {})
         EraseConfig.with_overrides([req["concept"]], req["method"], settings)      # refused before any work
-        parent = resolve_parent(req["model"])
-        key = f"takedown-{request_id}"
-        delta_dir = erase_concepts(key, req["model"], parent["version"], [req["concept"]], req["method"],
-                                   [request_id], settings)
-        report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
-        version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
-        verdict = apply_gate(report, req["kind"], req["model"], version, [request_id])
-        status = "held"
-        if verdict["passed"]:
-            moved = promote_version(req["model"], version, f"takedown {request_id}: gate passed",
-                                    parent["version"]).get("moved")
-            if moved:
-                hold([request_id], moved)
+        with lineage_slot(req["model"]):
+            parent = resolve_parent(req["model"])
+            key = f"takedown-{request_id}"
+            delta_dir = erase_concepts(key, req["model"], parent["version"], [req["concept"]], req["method"],
+                                       [request_id], settings)
+            report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
+            version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
+            verdict = apply_gate(report, req["kind"], req["model"], version, [request_id])
+            status = "held"
+            if verdict["passed"]:
+                moved = promote_version(req["model"], version, f"takedown {request_id}: gate passed",
+                                        parent["version"]).get("moved")
+                if moved:
+                    hold([request_id], moved)
+                else:
+                    status = "promoted"
             else:
-                status = "promoted"
-        else:
-            hold([request_id])
+                hold([request_id])
         publish_report(f"Takedown {req['concept']!r} ({req['kind']}, {req['method']})", [request_id], req["model"],
                        version, report, verdict, status, req["run_id"])
         return {"request_id": request_id, "model_version": version, "status": status, "verdict": verdict}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -150,11 +151,11 @@ def test_rollback_restores_previous_production_and_generate_serves_it(platform, 
         prompt = "a red circle in the style of Vela Moreau"
         g = esd("generate", prompt, "--model", "toy-sd@production", "-o", str(out), "--seed", "3")
         assert g.exit_code == 0, g.output
-        served = torch.tensor(list(Image.open(out).getdata()))
+        served = torch.from_numpy(np.asarray(Image.open(out).convert("RGB")).copy())
         pipe = load(platform.store, f"toy-sd/{expected_version}")
         img = sample.to_uint8(sample.generate(pipe, [prompt], [3], steps=25, guidance=5.0))[0]
         img = Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST)
-        assert torch.equal(served, torch.tensor(list(img.getdata())))
+        assert torch.equal(served, torch.from_numpy(np.asarray(img.convert("RGB")).copy()))
         history = json.loads(esd("model", "history", "toy-sd", "--json").output)
         assert (history[-1]["action"], history[-1]["from"], history[-1]["to"]) == ("rollback", version,
                                                                                      expected_version)
@@ -222,3 +223,21 @@ def test_the_reaper_fails_requests_whose_run_is_dead(platform, vela):
     assert "ended Completed without finishing" in stuck.reason and "no longer exists" in gone.reason
     assert platform.requests.require("req-vela-1").status == "promoted"        # a finished request is left alone
     assert "req-stuck-1" not in json.loads(esd("request", "reap", "--json").output)
+
+
+def test_one_writer_per_model_lineage(platform, vela):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import lineage_slot, prefect_api
+
+    with prefect_api(platform.settings.prefect_api):
+        with get_client(sync_client=True) as client:     # the takedown took toy-sd's slot: one at a time
+            assert client.read_global_concurrency_limit_by_name("model-toy-sd").limit == 1
+        with lineage_slot("toy-sd"):
+            with pytest.raises(TimeoutError):
+                with lineage_slot("toy-sd", timeout_seconds=3):
+                    pass
+            with lineage_slot("other-sd", timeout_seconds=3):      # another model's lineage is free
+                pass
+        with lineage_slot("toy-sd", timeout_seconds=3):          # released
+            pass
