@@ -110,10 +110,17 @@ class Sums:
     cc: torch.Tensor
     tt: torch.Tensor
 
+    @classmethod
+    def zero(cls, d: int) -> "Sums":
+        return cls(*(torch.zeros(d, d, dtype=torch.float64) for _ in range(3)))
+
+    def plus(self, other: "Sums", scale: float = 1.0) -> "Sums":
+        return Sums(self.tc + scale * other.tc, self.cc + scale * other.cc, self.tt + scale * other.tt)
+
 
 def sums(pipe, pairs: list[tuple], push: float, d: int, concept_tokens: bool = False) -> Sums:
     """The sums for prompts c and their guides g, with targets t = (1 + push) g - push c, a chunk at a time."""
-    out = Sums(*(torch.zeros(d, d, dtype=torch.float64) for _ in range(3)))
+    out = Sums.zero(d)
     for k in range(0, len(pairs), CHUNK):
         c, g = aligned(pipe, pairs[k:k + CHUNK], concept_tokens)
         if c.shape[1] != d:
@@ -143,7 +150,7 @@ def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]
     A prompt that names a concept another of them erases is left out: its guide or its preservation would hold on
     to what that one removes (a style's guide "a red circle" against the erasure of circle)."""
     erased = {normal_concept(c) for cfg in configs for c in cfg.concepts}
-    e = Sums(*(torch.zeros(d, d, dtype=torch.float64) for _ in range(3)))
+    e = Sums.zero(d)
     kept: dict[tuple, tuple[float, bool]] = {}
     for cfg in configs:
         erase_prompts, preserve_prompts = prompts(cfg)
@@ -152,8 +159,7 @@ def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]
         if not erase_prompts:
             raise EraseError(f"every prompt erasing {', '.join(cfg.concepts)} names another erased concept; "
                              "give templates that do not")
-        one = sums(pipe, erase_prompts, cfg.push, d, cfg.align == "concept")
-        e = Sums(e.tc + cfg.erase_scale * one.tc, e.cc + cfg.erase_scale * one.cc, e.tt + cfg.erase_scale * one.tt)
+        e = e.plus(sums(pipe, erase_prompts, cfg.push, d, cfg.align == "concept"), cfg.erase_scale)
         for p in preserve_prompts:
             if not names(p[0], erased):
                 kept.setdefault(p, (cfg.preserve_scale, cfg.align == "concept"))

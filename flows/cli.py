@@ -94,6 +94,7 @@ def base_build_toy(name: str = typer.Option("toy-sd", help="registered model nam
 def ensure_base(platform: Platform, name: str, folder: Path) -> dict:
     """Register FOLDER as version 1 of NAME unless NAME exists; point production at it if nothing is there."""
     from flows import promotion
+    from registry.aliases import current
     from registry.store import RegistryError
     from registry.versions import base_version, import_base
 
@@ -102,7 +103,7 @@ def ensure_base(platform: Platform, name: str, folder: Path) -> dict:
         version, new = int(base_version(store, name).version), False
     except RegistryError:
         version, new = int(import_base(store, folder, name)["version"]), True
-    if "production" not in (store.mlflow().get_registered_model(name).aliases or {}):
+    if current(store, name) is None:
         promotion.promote(platform, name, version, "base line registered", "esd-platform")
     return {"version": version, "new": new}
 
@@ -132,13 +133,7 @@ def request_submit(concept: str = typer.Argument(..., help="the style, object or
                    as_json: bool = AS_JSON):
     """File a takedown request and start its Prefect run (once per request id)."""
     result = submit(concept, kind.value, model, requester, method, request_id)
-    if wait:
-        follow(result["flow_run_id"], quiet=as_json)
-    req = show_request(result["request_id"])
-    if as_json:
-        typer.echo(json.dumps(req))
-    else:
-        _print_request(req)
+    _report(result["request_id"], result["flow_run_id"] if wait else None, as_json)
 
 
 def submit(concept: str, kind: str, model: str, requester: str = "", method: str | None = None,
@@ -216,6 +211,17 @@ def show_request(request_id: str) -> dict:
     return vars(running_platform().requests.require(request_id))
 
 
+def _report(request_id: str, follow_run: str | None, as_json: bool) -> None:
+    """Follow the run (when given) until it ends, then print the request, as JSON or as text."""
+    if follow_run:
+        follow(follow_run, quiet=as_json)
+    r = show_request(request_id)
+    if as_json:
+        typer.echo(json.dumps(r))
+    else:
+        _print_request(r)
+
+
 def _print_request(r: dict) -> None:
     console.print(f"request {r['request_id']}: {r['kind']} {r['concept']!r} on {r['model']} ({r['method']})")
     console.print(f"  status {r['status']}, model version {r.get('model_version') or '-'}, gate {r.get('gate') or '-'}, "
@@ -240,11 +246,7 @@ def request_list(status: Optional[Status] = typer.Option(None, help="only reques
 @one_line_errors
 def request_show(request_id: str = typer.Argument(..., help="the request's id"), as_json: bool = AS_JSON):
     """One request: status, model version, gate, Prefect flow run."""
-    r = show_request(request_id)
-    if as_json:
-        typer.echo(json.dumps(r))
-    else:
-        _print_request(r)
+    _report(request_id, None, as_json)
 
 
 @one_line_errors
@@ -255,13 +257,7 @@ def request_retry(request_id: str = typer.Argument(..., help="the failed request
     p = running_platform("all")
     record = p.requests.retry(request_id)
     result = start_run(p, record)
-    if wait:
-        follow(result["flow_run_id"], quiet=as_json)
-    req = show_request(request_id)
-    if as_json:
-        typer.echo(json.dumps(req))
-    else:
-        _print_request(req)
+    _report(request_id, result["flow_run_id"] if wait else None, as_json)
 
 
 @one_line_errors

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 from flows.platform import Platform
-from infra.errors import require_reason
 from infra.settings import actor as actor_name
 
 
@@ -26,12 +25,11 @@ def promote(platform: Platform, model: str, version: int, reason: str, actor: st
     from registry.versions import resolve
 
     if alias == "production" and expected is not None:
-        current = (platform.store.mlflow().get_registered_model(model).aliases or {}).get("production")
-        if current is not None and int(current) != int(expected):
-            raise ProductionMoved(f"production of {model} moved from v{expected} to v{current} while this run "
+        now = aliases.current(platform.store, model)
+        if now is not None and now != int(expected):
+            raise ProductionMoved(f"production of {model} moved from v{expected} to v{now} while this run "
                                   f"worked; v{version} was built on v{expected} and is held for review")
-    event = aliases.promote(platform.store, model, int(version), require_reason(reason), actor_name(actor),
-                            alias=alias, force=force)
+    event = aliases.promote(platform.store, model, int(version), reason, actor_name(actor), alias=alias, force=force)
     if alias == "production":
         tags = resolve(platform.store, f"{model}/{version}").tags or {}
         platform.requests.promoted_with(int(version), json.loads(tags.get("esd.request_ids", "[]")))
@@ -41,4 +39,4 @@ def promote(platform: Platform, model: str, version: int, reason: str, actor: st
 def rollback(platform: Platform, model: str, reason: str, actor: str | None = None, to: int | None = None) -> dict:
     from registry import aliases
 
-    return aliases.rollback(platform.store, model, require_reason(reason), actor_name(actor), to)
+    return aliases.rollback(platform.store, model, reason, actor_name(actor), to)

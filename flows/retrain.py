@@ -31,12 +31,13 @@ def kind_of(active: list[dict]) -> str:
 @flow(name="retrain", log_prints=True)
 def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     """Erase all active (not withdrawn, not failed) concepts of MODEL from its base in one multi-concept run."""
+    from registry import aliases
     from registry.versions import base_version
 
     load_settings()          # the gate's settings are checked before any work
     p = Platform()
     with lineage_slot(model):
-        production = (p.store.mlflow().get_registered_model(model).aliases or {}).get("production")
+        production = aliases.current(p.store, model)
         active = [vars(r) for r in p.requests.active(model)]
         if not active:
             print(f"no active requests for {model}: nothing to retrain")
@@ -58,7 +59,7 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
         if verdict["passed"]:
             # a takedown promoted while this ran would be dropped: promote only over what the retrain saw
             moved = promote_version(model, version, f"retrain of {len(ids)} request(s): gate passed",
-                                    int(production) if production is not None else None).get("moved")
+                                    production).get("moved")
             if moved:
                 print(moved)
             else:

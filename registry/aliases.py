@@ -31,7 +31,8 @@ def history(store: Store, name: str) -> list[dict]:
     return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
 
 
-def _current(store: Store, name: str, alias: str) -> int | None:
+def current(store: Store, name: str, alias: str = "production") -> int | None:
+    """The version ALIAS points at, or None."""
     aliases = store.mlflow().get_registered_model(name).aliases or {}
     return int(aliases[alias]) if alias in aliases else None
 
@@ -42,7 +43,7 @@ def _move(store: Store, name: str, alias: str, version: int, reason: str, actor:
     reason = require_reason(reason)
     version = int(resolve(store, f"{name}/{version}").version)
     verify(store, name, version)    # never point an alias at files that are missing or changed
-    before = _current(store, name, alias)
+    before = current(store, name, alias)
     event = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "actor": actor,
              "reason": reason[:MAX_REASON], "alias": alias, "action": action, "from": before, "to": version}
     if before == version:
@@ -69,6 +70,7 @@ def promote(store: Store, name: str, version: int | str, reason: str, actor: str
     Production takes an erased version only if it passed its gate (tag esd.gate); force overrides that, and
     the history records the move as forced.
     """
+    reason = require_reason(reason)        # before "forced past gate" is added to it
     if alias == "production":
         tags = resolve(store, f"{name}/{version}").tags or {}
         gate = tags.get(GATE_TAG)

@@ -98,6 +98,9 @@ def test_promotion_moves_the_versions_requests_and_refuses_a_failed_gate(platfor
     name, req = line
     with pytest.raises(registry.RegistryError, match="has not passed its gate"):
         promotion.promote(platform, name, 2, "takedown", "flow")
+    with pytest.raises(ReasonRequired):                  # forcing past the gate needs a reason all the more
+        promotion.promote(platform, name, 2, "  ", "ops", force=True)
+    assert registry.resolve(platform.store, f"{name}@production").version == "1"
     assert platform.requests.require(req.request_id).status == "candidate"
     mark_gate(platform.store, name, 2)
     event = promotion.promote(platform, name, 2, "takedown: gate passed", "flow", expected=1)
