@@ -7,6 +7,7 @@ package installed and reaches the same Prefect, MLflow and S3 servers can run th
 from __future__ import annotations
 
 from infra import stack
+from infra.prefect_server import HEARTBEAT_S
 from infra.settings import Settings
 
 WORK_POOL = "esd"
@@ -19,6 +20,18 @@ def prefect_api(url: str):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     return temporary_settings(updates={PREFECT_API_URL: url})
+
+
+# A slot's holder renews its lease while it runs; a holder killed outright frees the slot when the lease lapses
+# (Prefect's shortest lease).
+SLOT_LEASE_S = 60
+
+
+def gpu_slot():
+    """One erasure or evaluation per device at a time."""
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(GPU_LIMIT, occupy=1, lease_duration=SLOT_LEASE_S)
 
 
 def lineage_slot(model: str, timeout_seconds: float | None = None):
@@ -35,7 +48,7 @@ def lineage_slot(model: str, timeout_seconds: float | None = None):
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass
-    return concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds)
+    return concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds, lease_duration=SLOT_LEASE_S)
 
 
 def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
@@ -56,6 +69,39 @@ def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
             pass
 
 
+ZOMBIE_AUTOMATION = "esd: crash silent flow runs"
+
+
+def ensure_zombie_automation() -> None:
+    """Prefect's recipe for runs whose process died on any host (a killed worker, a lost machine): no heartbeat
+    for 3 x HEARTBEAT_S marks the run Crashed, and the reaper then fails its request."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+        return
+    except ValueError:
+        pass
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=3 * HEARTBEAT_S)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {3 * HEARTBEAT_S} s: its process is gone")],
+    ).create()
+
+
 def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, timeout_s: int = 6 * 3600,
                reap_minutes: int = 10) -> list[str]:
     """Create or update every deployment (quietly); retrain runs on the cron schedule and on demand, the reaper
@@ -68,6 +114,7 @@ def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, tim
     from flows.takedown import takedown
 
     ensure_pool_and_limit(pool)
+    ensure_zombie_automation()
     ids = []
     for fl, extra in [(takedown.with_options(timeout_seconds=timeout_s), {}), (promote, {}), (rollback, {}),
                       (withdraw, {}),

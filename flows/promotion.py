@@ -33,10 +33,28 @@ def promote(platform: Platform, model: str, version: int, reason: str, actor: st
     if alias == "production":
         tags = resolve(platform.store, f"{model}/{version}").tags or {}
         platform.requests.promoted_with(int(version), json.loads(tags.get("esd.request_ids", "[]")))
+        unserved(platform, model, int(version))
     return event
 
 
 def rollback(platform: Platform, model: str, reason: str, actor: str | None = None, to: int | None = None) -> dict:
     from registry import aliases
 
-    return aliases.rollback(platform.store, model, reason, actor_name(actor), to)
+    event = aliases.rollback(platform.store, model, reason, actor_name(actor), to)
+    unserved(platform, model, int(event["to"]))
+    return event
+
+
+def unserved(platform: Platform, model: str, production: int) -> list[str]:
+    """Promoted requests whose concept the new production no longer erases become held, with the reason: an
+    operator's rollback is never a silent undoing of a takedown. Returns their ids."""
+    from registry.versions import show
+
+    erased = {c.casefold() for c in show(platform.store, model, production)["erased"]}
+    held = []
+    for r in platform.requests.list("promoted", model, max_results=None):
+        if r.concept.casefold() not in erased:
+            platform.requests.update(r.request_id, "held", reason=f"production moved to v{production}, which does "
+                                                                  f"not erase {r.concept!r}; needs review")
+            held.append(r.request_id)
+    return held

@@ -63,6 +63,7 @@ class Request:
     created: float | None = None
     reason: str | None = None
     attempt: str | None = None          # runs started for this request (a retry starts another)
+    runner: str | None = None           # host:pid:start of the process running it (flows.reaper)
 
     def validate(self) -> "Request":
         try:
@@ -101,21 +102,41 @@ class Requests:
         exp = client.get_experiment_by_name(EXPERIMENT)
         self.experiment_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
 
-    def file(self, req: Request) -> tuple[Request, bool]:
-        """Record a validated request; the same request id filed twice returns the first record (False)."""
-        existing = self.get(req.request_id)
-        if existing is not None:
-            return existing, False
-        run = self.client.create_run(self.experiment_id, run_name=f"{req.kind}: {req.concept}"[:250],
-                                     tags=req.tags())
-        try:
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in
-                                                           {"concept": req.concept, "kind": req.kind,
-                                                            "method": req.method, "model": req.model}.items()])
-        except Exception:
-            self.client.delete_run(run.info.run_id)   # no half-filed request
-            raise
-        return self.get(req.request_id), True
+    def file(self, req: Request, stale: float = 30.0) -> tuple[Request, bool]:
+        """Record a validated request; the same request id filed twice, even at once, gives one record (the
+        second call returns the first record and False).
+
+        The filer first claims the id: an MLflow experiment name, unique in MLflow's store (deleted at once, so
+        the UI stays clean; the name stays taken). Whoever loses waits for the winner's record. A claim left
+        without a record for STALE seconds (its filer died) is superseded by the next claim number."""
+        from mlflow.exceptions import MlflowException
+
+        number = 1
+        while (existing := self.get(req.request_id)) is None:
+            name = f"{EXPERIMENT}/ids/{req.request_id}#{number}"
+            try:
+                claim = self.client.create_experiment(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                other = self.client.get_experiment_by_name(name)
+                if other is None or time.time() - other.creation_time / 1000 > stale:
+                    number += 1
+                else:
+                    time.sleep(0.2)
+                continue
+            self.client.delete_experiment(claim)
+            # One call makes the whole record (its tags); the params only help browsing in the MLflow UI.
+            run = self.client.create_run(self.experiment_id, run_name=f"{req.kind}: {req.concept}"[:250],
+                                         tags=req.tags())
+            try:
+                self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in
+                                                               {"concept": req.concept, "kind": req.kind,
+                                                                "method": req.method, "model": req.model}.items()])
+            except MlflowException:
+                pass
+            return self.get(req.request_id), True
+        return existing, False
 
     def get(self, request_id: str) -> Request | None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`esd.request_id` = '{_quote(request_id)}'",
@@ -164,12 +185,13 @@ class Requests:
         return after
 
 
-    def start(self, request_id: str, flow_run_id: str | None) -> Request:
-        """A run takes the request: running, linked to its flow run. A withdrawn request is not run."""
+    def start(self, request_id: str, flow_run_id: str | None, runner: str | None = None) -> Request:
+        """A run takes the request: running, linked to its flow run and the process running it. A withdrawn
+        request is not run."""
         req = self.require(request_id)
         if req.status == "withdrawn":
             raise RequestError(f"request {request_id} was withdrawn")
-        return self.update(request_id, "running", flow_run_id=flow_run_id)
+        return self.update(request_id, "running", flow_run_id=flow_run_id, runner=runner)
 
     def withdraw(self, request_id: str, reason: str, actor: str) -> Request:
         """Withdrawn (or rejected): excluded from the next retrain; the versions already made are kept."""

@@ -8,17 +8,19 @@ never makes a second run or version. Outside a flow, call a step's `.fn`.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from flows import promotion
-from flows.deploy import GPU_LIMIT
+from flows.deploy import gpu_slot
 from flows.gate import load_settings, verdict as gate_verdict
 from flows.platform import Platform
 
@@ -29,7 +31,9 @@ RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2
 @task(cache_policy=NO_CACHE, **RETRY)
 def start_request(request_id: str, flow_run_id: str | None) -> dict:
     """Mark the request running and link it to this flow run; returns the request record."""
-    return vars(Platform().requests.start(request_id, flow_run_id))
+    from flows.reaper import this_process
+
+    return vars(Platform().requests.start(request_id, flow_run_id, this_process()))
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
@@ -63,11 +67,13 @@ def erase_concepts(key: str, model: str, parent_version: int, concepts: list[str
     out = staging_dir(key) / "delta"
     if out.is_dir():
         try:
-            delta_lib.load(out)
-            return str(out)
+            staged = delta_lib.load(out)
+            if staged.manifest.get("parent_version") == parent_version:
+                return str(out)
         except delta_lib.DeltaError:
-            shutil.rmtree(out)
-    with concurrency(GPU_LIMIT, occupy=1):
+            pass
+        shutil.rmtree(out)          # broken, or made on another parent: production moved before the retry
+    with gpu_slot():
         pipe, parent = load_parts(Platform().store, f"{model}/{parent_version}")
         if parent_delta_dir is not None:
             parent = delta_lib.load(parent_delta_dir)
@@ -81,9 +87,19 @@ def erase_concepts(key: str, model: str, parent_version: int, concepts: list[str
     return str(out)
 
 
+def _logger():
+    """The run's logger inside a flow or task run, else the module's (a step called through .fn)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
 def _log_progress(iteration: int, loss: float) -> None:
     if iteration % 25 == 0:
-        get_run_logger().info(f"erase: iteration {iteration}, loss {loss:.5f}")
+        _logger().info(f"erase: iteration {iteration}, loss {loss:.5f}")
 
 
 def judge_dir(model: str) -> Path | None:
@@ -107,7 +123,7 @@ def evaluate_candidate(key: str, model: str, delta_dir: str, requested: list[str
     from registry.versions import base_version
 
     p = Platform()
-    with concurrency(GPU_LIMIT, occupy=1):
+    with gpu_slot():
         base_pipe = load(p.store, f"{model}/{base_version(p.store, model).version}")
         cand_pipe = copy.deepcopy(base_pipe)
         delta_lib.apply(cand_pipe.unet, delta_lib.load(delta_dir))
@@ -137,28 +153,44 @@ def metrics(report: dict) -> dict[str, float]:
     return {k.replace(" ", "_"): v for k, v in m.items()}
 
 
+EVALUATION_LOGGED_TAG = "esd.evaluation_logged"
+
+
 @task(cache_policy=NO_CACHE, **RETRY)
 def register_candidate(model: str, delta_dir: str, request_ids: list[str], report: dict, run_id: str | None) -> int:
-    """Register the delta once (a version already registered for these requests and bytes is returned);
-    metrics, grids and the report on its run and the request's."""
+    """Register the delta once: a version already registered for these requests and bytes is verified in S3 and
+    returned (one whose files are broken is removed and registered again). Metrics, grids and the report go on
+    its run and the request's; a retry after a partial failure logs them until the version says they are."""
     from esd import delta as delta_lib
-    from registry.versions import list_versions, register_erased
+    from registry.store import IntegrityError
+    from registry.versions import list_versions, register_erased, verify
 
     store = Platform().store
     sha = delta_lib.file_sha256(Path(delta_dir) / delta_lib.TENSORS_FILE)
     client = store.mlflow()
+    version = None
     for row in list_versions(store, model):
         if row["kind"] == "erased" and set(row["request_ids"]) == set(request_ids) and \
                 client.get_model_version(model, str(row["version"])).tags.get("esd.delta_sha256") == sha:
-            return row["version"]
-    info = register_erased(store, model, delta_dir)
-    for target in filter(None, [info.get("run_id"), run_id]):
-        for k, v in metrics(report).items():
-            client.log_metric(target, k, v)
-        for grid in (report.get("grids") or {}).values():
-            client.log_artifact(target, grid, "grids")
-        client.log_dict(target, report, "evaluation.json")
-    return int(info["version"])
+            try:
+                verify(store, model, row["version"])
+                version = row["version"]
+            except IntegrityError as exc:
+                _logger().warning(f"version {row['version']} is broken ({exc}); registering again")
+                if not row["aliases"]:
+                    client.delete_model_version(model, str(row["version"]))
+    if version is None:
+        version = register_erased(store, model, delta_dir)["version"]
+    mv = client.get_model_version(model, str(version))
+    if mv.tags.get(EVALUATION_LOGGED_TAG) != "true":
+        for target in filter(None, [mv.run_id, run_id]):
+            client.log_batch(target, metrics=[Metric(k, v, int(time.time() * 1000), 0)
+                                              for k, v in metrics(report).items()])
+            for grid in (report.get("grids") or {}).values():
+                client.log_artifact(target, grid, "grids")
+            client.log_dict(target, report, "evaluation.json")
+        client.set_model_version_tag(model, str(version), EVALUATION_LOGGED_TAG, "true")
+    return int(version)
 
 
 @task(cache_policy=NO_CACHE, **RETRY)

@@ -7,6 +7,9 @@ import sys
 
 from infra.settings import Settings
 
+# Flow runs send a heartbeat every HEARTBEAT_S (Prefect's minimum); see flows.deploy.ensure_zombie_automation.
+HEARTBEAT_S = 30
+
 
 def _database_url(s: Settings) -> str:
     return s.prefect_database_url or f"sqlite+aiosqlite:///{(s.home / 'prefect' / 'prefect.db').resolve()}"
@@ -34,4 +37,6 @@ def worker_env(s: Settings) -> dict[str, str]:
                               "PREFECT_WORKER_WEBSERVER_PORT": str(s.worker_health_port),
                               # Poll for scheduled runs every 2 s (default 10 s): a takedown starts at once.
                               "PREFECT_WORKER_QUERY_SECONDS": "2",
-                              "PREFECT_API_REQUEST_TIMEOUT": "120"}
+                              "PREFECT_API_REQUEST_TIMEOUT": "120",
+                              # Heartbeats of flow runs, read by the "crash silent flow runs" automation.
+                              "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}

@@ -150,19 +150,26 @@ def _register(store: Store, name: str, files: dict[str, Path], manifest: dict, t
 
 
 def _discard(store: Store, name: str, source: str, run_id: str, own_run: bool) -> None:
-    """Best effort: remove a version that may have been created, the uploaded objects, and our run."""
+    """Best effort: remove a version that may have been created, then the uploaded objects, then our run.
+
+    The objects go only once MLflow has answered that no version points at them: with MLflow down they stay
+    (unreferenced, removed later by `mlflow gc`), never leaving a version whose files are gone."""
     client = store.mlflow()
-    for step in (
-        lambda: [client.delete_model_version(name, mv.version)
-                 for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if mv.source == source],
-        lambda: delete_stored(store, source),
-        lambda: own_run and client.set_terminated(run_id, "FAILED"),
-        lambda: own_run and client.delete_run(run_id),
-    ):
+    try:
+        for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            if mv.source == source:
+                client.delete_model_version(name, mv.version)
+        unreferenced = not [mv for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+                            if mv.source == source]
+    except Exception:
+        unreferenced = False
+    for step in (lambda: unreferenced and delete_stored(store, source),
+                 lambda: own_run and client.set_terminated(run_id, "FAILED"),
+                 lambda: own_run and unreferenced and client.delete_run(run_id)):
         try:
             step()
         except Exception:
-            pass   # e.g. S3 is down: the objects stay under a deleted run, removed by `mlflow gc`
+            pass   # e.g. S3 is down: the objects stay under a failed run, removed by `mlflow gc`
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:

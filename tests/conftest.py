@@ -146,3 +146,52 @@ def tiny_sd(tmp_path_factory) -> Path:
     """Path of a tiny random SD diffusers folder (safetensors, DDIM, no safety checker)."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
+
+
+# --- the whole platform: Prefect server and worker too --------------------------------------------------------
+
+# What the worker's flow runs read: orchestration is under test with it, not quality (4-step evaluation, no attack,
+# a gate that passes any candidate; tests/flows/test_gate.py tests the gate).
+PERMISSIVE = '{"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0}'
+FLOW_ENV = {"ESD_EVAL_STEPS": "4", "ESD_EVAL_ATTACK": "false", "ESD_GATE_STYLE": PERMISSIVE,
+            "ESD_GATE_OBJECT": PERMISSIVE}
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with VALUES, restored afterwards."""
+    import os
+
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def platform_env(settings: Settings) -> dict[str, str]:
+    """The environment the CLI, Settings() and a (re)started worker read to reach this stack."""
+    return FLOW_ENV | settings.to_env() | settings.prefect_env()
+
+
+@pytest.fixture(scope="session")
+def full_stack(tmp_path_factory) -> Iterator[Settings]:
+    """Every service, deployments applied, the committed toy base registered as toy-sd; started once for the
+    suites that need Prefect (tests/faults, tests/flows). Modules enter `platform_env` while they use it."""
+    from esd.toy import BASE_DIR
+    from flows import deploy
+    from flows.cli import ensure_base
+    from flows.platform import Platform
+
+    settings = stack_settings(tmp_path_factory.mktemp("platform"))
+    try:
+        with environ(FLOW_ENV):
+            stack_lib.up(settings)
+            with environ(platform_env(settings)):
+                deploy.up(settings)
+                ensure_base(Platform(settings), "toy-sd", BASE_DIR)
+        yield settings
+    finally:
+        stack_lib.down(settings)

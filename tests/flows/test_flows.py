@@ -17,10 +17,9 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import build_app
-from tests.conftest import local_stack
+from tests.conftest import environ, platform_env
 
 CONCEPT = "Vela Moreau"
-PERMISSIVE = json.dumps({"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0})
 APP = build_app()
 
 
@@ -33,27 +32,12 @@ def last_json(result) -> dict:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    from esd.toy import BASE_DIR
-    from flows import deploy
-    from flows.cli import ensure_base
+def platform(full_stack):
     from flows.platform import Platform
     from infra.settings import Settings
 
-    saved = dict(os.environ)
-    # Read by the worker's flow runs (the worker inherits this environment).
-    os.environ.update({"ESD_EVAL_STEPS": "4", "ESD_EVAL_ATTACK": "false", "ESD_GATE_STYLE": PERMISSIVE,
-                       "ESD_GATE_OBJECT": PERMISSIVE})
-    try:
-        with local_stack(tmp_path_factory.mktemp("platform"), only=None) as settings:
-            # The CLI reads Settings() from the environment: point it at this stack.
-            os.environ.update(settings.to_env() | settings.prefect_env())
-            deploy.up(settings)
-            ensure_base(Platform(settings), "toy-sd", BASE_DIR)
-            yield Platform(Settings())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with environ(platform_env(full_stack)):     # the CLI reads Settings() from the environment
+        yield Platform(Settings())
 
 
 @pytest.fixture(scope="module")
