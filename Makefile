@@ -13,7 +13,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test faults bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The fault suite alone (also part of `make test`): its table and its summary lines come last.
+faults: install
+	$(BIN)/python -m pytest -q tests/faults
 
 bench: install
 	$(BIN)/esd bench quality

@@ -437,9 +437,14 @@ def main() -> None:
     # command ever falls back to a temporary server of its own.
     for k, v in Settings().prefect_env().items():
         os.environ.setdefault(k, v)
+    sys.exit(invoke())
+
+
+def invoke(args: list[str] | None = None) -> int:
+    """Run the `esd` command line on ARGS (default: sys.argv); returns the exit code. Usage errors are one line."""
     command = typer.main.get_command(build_app())
     try:
-        code = command.main(prog_name="esd", standalone_mode=False)
+        code = command.main(args=args, prog_name="esd", standalone_mode=False)
     except TyperException as exc:
         # A bad option or value is one line, as every other refused input: what, and where to look.
         ctx = getattr(exc, "ctx", None)
@@ -449,4 +454,4 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

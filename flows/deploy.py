@@ -48,7 +48,10 @@ def lineage_slot(model: str, timeout_seconds: float | None = None):
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:
             pass
-    return concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds, lease_duration=SLOT_LEASE_S)
+    # A renewal that fails while the Prefect server restarts does not kill the run: production's compare-and-set
+    # (flows.promotion) still refuses to promote over a parent that moved.
+    return concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds, lease_duration=SLOT_LEASE_S,
+                       raise_on_lease_renewal_failure=False)
 
 
 def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:

@@ -204,7 +204,14 @@ class Requests:
     def fail(self, request_ids: list[str], exc: BaseException | str) -> None:
         """A run that broke leaves its requests failed with the reason, never stuck in running (a request already
         promoted, held or withdrawn keeps that status)."""
-        reason = exc if isinstance(exc, str) else first_line(exc)
+        if isinstance(exc, str):
+            reason = exc
+        elif isinstance(exc, Exception):
+            reason = first_line(exc)
+        elif type(exc).__name__ == "TerminationSignal":        # Prefect's SIGTERM: a cancellation or a stop
+            reason = "the run was terminated (cancelled, or its worker stopped)"
+        else:       # SystemExit, KeyboardInterrupt: the process was stopped
+            reason = f"the run's process was stopped ({type(exc).__name__}{f': {exc}' if str(exc) else ''})"
         for rid in request_ids:
             try:
                 req = self.get(rid)

@@ -24,8 +24,24 @@ from flows.deploy import gpu_slot
 from flows.gate import load_settings, verdict as gate_verdict
 from flows.platform import Platform
 
+def transient(task, task_run, state) -> bool:
+    """Retry what a server's hiccup may have caused; a refusal (a withdrawn request, a move not allowed, a gate's
+    bad settings) fails at once."""
+    from flows.gate import GateError
+    from flows.requests import RequestError
+
+    try:
+        state.result()
+    except (RequestError, GateError):
+        return False
+    except BaseException:
+        return True
+    return True
+
+
 # Transient S3 / MLflow errors are retried with backoff; every retried step is idempotent.
-RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+RETRY = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+             retry_condition_fn=transient)
 
 
 @task(cache_policy=NO_CACHE, **RETRY)

@@ -24,7 +24,11 @@ def server_env(s: Settings) -> dict[str, str]:
     return s.prefect_env() | {"PREFECT_API_DATABASE_CONNECTION_URL": _database_url(s),
                               "PREFECT_SERVER_API_HOST": s.host, "PREFECT_SERVER_API_PORT": str(s.prefect_port),
                               # Start-up on two cores can exceed the 20 s defaults.
-                              "PREFECT_API_DATABASE_TIMEOUT": "60", "PREFECT_API_REQUEST_TIMEOUT": "120"}
+                              "PREFECT_API_DATABASE_TIMEOUT": "60", "PREFECT_API_REQUEST_TIMEOUT": "120",
+                              # Concurrency leases on disk beside the database, not in memory: a restarted server
+                              # still knows who holds a slot, and frees it when its holder stops renewing.
+                              "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
+                                  "prefect.server.concurrency.lease_storage.filesystem"}
 
 
 def worker_command(s: Settings) -> list[str]:

@@ -101,6 +101,7 @@ def previous_production(store: Store, name: str) -> int | None:
 
 def rollback(store: Store, name: str, reason: str, actor: str, to: int | str | None = None) -> dict:
     """Move production back to TO, by default to the previous production version."""
+    reason = require_reason(reason)
     target = int(to) if to is not None else previous_production(store, name)
     if target is None:
         raise RegistryError(f"{name} has no earlier production version to roll back to")

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from esd.delta import file_sha256
@@ -98,6 +98,18 @@ def _require(manifest_sha256: str, source: str) -> None:
         raise RegistryError(f"{source} has no recorded manifest checksum (esd.manifest_sha256): not an esd version")
 
 
+def manifest_files(manifest: dict, where: str) -> dict[str, dict]:
+    """A manifest's files, each path checked to stay inside the version: relative, no '..', no backslash."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise IntegrityError(f"manifest of {where} lists no files")
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts or ":" in rel:
+            raise IntegrityError(f"manifest of {where} names {rel!r}, a path outside the version")
+    return files
+
+
 def verify_stored(store: Store, source: str, manifest_sha256: str) -> dict:
     """Read a version's manifest and every file it lists straight from S3; raise IntegrityError on any mismatch."""
     from botocore.exceptions import ClientError
@@ -110,7 +122,7 @@ def verify_stored(store: Store, source: str, manifest_sha256: str) -> dict:
         if sha256_bytes(raw) != manifest_sha256:
             raise _mismatch(f"{source}/{VERSION_FILE}", manifest_sha256, sha256_bytes(raw))
         manifest = json.loads(raw)
-        for rel, meta in manifest["files"].items():
+        for rel, meta in manifest_files(manifest, source).items():
             actual = _stored_sha256(s3, bucket, f"{prefix}/{WEIGHTS}/{rel}")
             if actual != meta["sha256"]:
                 raise _mismatch(f"{source}/{WEIGHTS}/{rel}", meta["sha256"], actual)
@@ -158,7 +170,7 @@ def fetch(tracking_uri: str, cache_dir: Path, source: str, manifest_sha256: str)
             raise _mismatch(f"{source}/{VERSION_FILE}", manifest_sha256, sha256_bytes(raw))
         staging.mkdir()
         (staging / VERSION_FILE).write_bytes(raw)
-        for rel, meta in json.loads(raw)["files"].items():
+        for rel, meta in manifest_files(json.loads(raw), source).items():
             blob = blobs / meta["sha256"]
             if not blob.exists():
                 got = _download(tracking_uri, f"{source}/{WEIGHTS}/{rel}", Path(tmp) / "dl")
@@ -181,7 +193,7 @@ def fetch(tracking_uri: str, cache_dir: Path, source: str, manifest_sha256: str)
 
 def verify_local(folder: Path, manifest: dict) -> None:
     """Check a local weights folder against its manifest (the pyfunc path, where MLflow did the download)."""
-    for rel, meta in manifest["files"].items():
+    for rel, meta in manifest_files(manifest, str(folder)).items():
         path = folder / rel
         if not path.is_file():
             raise IntegrityError(f"missing file {path}")

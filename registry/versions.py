@@ -188,6 +188,9 @@ def import_base(store: Store, path: str | Path, name: str, description: str = ""
 
     model_name(name)
     folder = check_folder(path)
+    links = [p for p in [folder, *folder.rglob("*")] if p.is_symlink()]
+    if links:
+        raise RegistryError(f"refusing to import {folder}: {links[0]} is a symbolic link; import a folder of real files")
     client = store.mlflow()
     try:
         client.create_registered_model(name, description=description or f"base line {name}")

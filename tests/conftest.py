@@ -154,7 +154,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 # a gate that passes any candidate; tests/flows/test_gate.py tests the gate).
 PERMISSIVE = '{"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0}'
 FLOW_ENV = {"ESD_EVAL_STEPS": "4", "ESD_EVAL_ATTACK": "false", "ESD_GATE_STYLE": PERMISSIVE,
-            "ESD_GATE_OBJECT": PERMISSIVE}
+            "ESD_GATE_OBJECT": PERMISSIVE, "ESD_GATE_CUSTOM": PERMISSIVE}
 
 
 @contextmanager
@@ -185,7 +185,8 @@ def full_stack(tmp_path_factory) -> Iterator[Settings]:
     from flows.cli import ensure_base
     from flows.platform import Platform
 
-    settings = stack_settings(tmp_path_factory.mktemp("platform"))
+    with environ(FLOW_ENV):
+        settings = stack_settings(tmp_path_factory.mktemp("platform"))    # eval_steps read from FLOW_ENV
     try:
         with environ(FLOW_ENV):
             stack_lib.up(settings)

@@ -35,6 +35,8 @@ def audit(platform: Platform, model: str, request_ids: list[str]) -> dict:
     lost: a request with no record, still received or running once its run is over, or failed without a reason.
     half_made: a version of MODEL whose stored files do not verify against its registry tag.
     wrong_aliases: production missing or broken, or not erasing the concept of a promoted request of MODEL."""
+    from mlflow.exceptions import MlflowException
+
     from registry import aliases
     from registry.store import IntegrityError, RegistryError
     from registry.versions import list_versions, show, verify
@@ -43,14 +45,18 @@ def audit(platform: Platform, model: str, request_ids: list[str]) -> dict:
     for rid in request_ids:
         r = platform.requests.get(rid)
         lost += r is None or r.status in ("received", "running") or (r.status == "failed" and not r.reason)
+    try:
+        rows = list_versions(platform.store, model)
+    except (RegistryError, MlflowException):
+        rows = []                                    # no such model: nothing registered, nothing half-made
     half_made = 0
-    for row in list_versions(platform.store, model):
+    for row in rows:
         try:
             verify(platform.store, model, row["version"])
         except (IntegrityError, RegistryError):
             half_made += 1
     wrong = 0
-    production = aliases.current(platform.store, model)
+    production = aliases.current(platform.store, model) if rows else None
     promoted = platform.requests.list("promoted", model, max_results=None)
     if production is None:
         wrong += bool(promoted)

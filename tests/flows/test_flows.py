@@ -9,7 +9,6 @@ Every test can run alone: what it needs comes from fixtures, and what it moves i
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
