@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass

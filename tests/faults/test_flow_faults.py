@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -148,7 +147,6 @@ def test_flow_run_cancelled_mid_erasure(platform, ledger):
 
 
 def test_two_takedowns_on_one_model_with_two_workers(platform, full_stack, ledger):
-    from prefect.settings import PREFECT_API_URL  # noqa: F401  (the worker reads it from the environment)
 
     from infra import prefect_server
 

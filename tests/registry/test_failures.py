@@ -5,18 +5,14 @@ The servers are real; the tests only choose the moment of failure by wrapping th
 
 from __future__ import annotations
 
-import os
-import signal
 import uuid
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
 import registry
 from esd import delta as delta_lib
-from infra import stack as stack_lib
 from registry.versions import experiment_name
 from registry.store import Store
 from tests.registry.deltas import make_delta
