@@ -177,16 +177,21 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log) -
 
 # ---- speed: reference vs fast ESD loop ----------------------------------------------------------------------
 
-SPEED_CONFIGS = ("toy", "mid")
+SPEED_CONFIGS = ("toy", "mid", "sd15")
 SPEED_METHODS = ("esd-x", "esd-u")
+# SD 1.x-shaped UNets with random weights (speed does not depend on weights): `mid` at a quarter of the width and
+# half the latent size, `sd15` at Stable Diffusion 1.5's size (860M parameters, 64x64 latents).
+UNET_SIZES = {"mid": {"sample_size": 32, "block_out_channels": (128, 256, 512, 512)},
+              "sd15": {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280)}}
+DEFAULT_ITERATIONS = {"toy": 8, "mid": 4, "sd15": 4}
 
 
 def speed_pipe(config: str):
-    """The toy base, or `mid`: an SD 1.x-shaped UNet with random weights (speed does not depend on weights)."""
+    """The toy base, or an SD 1.x-shaped UNet of UNET_SIZES[config] with random weights."""
     if config == "toy":
         return load_pipeline(BASE_DIR)
-    if config != "mid":
-        raise ValueError(f"unknown speed config {config!r}; choose toy or mid")
+    if config not in UNET_SIZES:
+        raise ValueError(f"unknown speed config {config!r}; choose from: {', '.join(SPEED_CONFIGS)}")
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -196,10 +201,9 @@ def speed_pipe(config: str):
     toy = load_pipeline(BASE_DIR)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-        cross_attention_dim=768, attention_head_dim=8,
+        in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **UNET_SIZES[config])
     # A one-layer text encoder: only its 77x768 embeddings matter to the UNet loop.
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(toy.tokenizer), hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
@@ -250,7 +254,7 @@ def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 
             else "fp32", "sample_steps": eraser.cfg.sample_steps}
 
 
-def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None = None, log=print,
+def speed(configs=("toy", "mid"), methods=SPEED_METHODS, iterations: dict | None = None, log=print,
           erasure_check: bool = True, sample_steps: int | None = None, erasure_seeds: int = 3) -> dict:
     """Reference and fast on the same UNet config, each in its own process so peak memory is its own."""
     import json
@@ -259,7 +263,7 @@ def speed(configs=SPEED_CONFIGS, methods=SPEED_METHODS, iterations: dict | None 
 
     from esd import methods as methods_lib
 
-    iterations = iterations or {"toy": 8, "mid": 4}
+    iterations = DEFAULT_ITERATIONS | (iterations or {})
     runs, checkpoint_bytes = [], {}
     for config in configs:
         unet = speed_pipe(config).unet
