@@ -199,7 +199,7 @@ def test_every_server_restarted_mid_flow(platform, full_stack, ledger):
     from flows import deploy
 
     model = new_line(platform)
-    rid, frid = submit(platform, model, "circle", "object", method="esd-x", overrides={"iterations": 200})
+    rid, frid = submit(platform, model, "circle", "object", method="esd-x", overrides={"iterations": 100})
     wait_for(lambda: erasing(platform, frid))
     time.sleep(5)                                    # inside the erasure's loop, its slots held
     stack_lib.down(full_stack, ("seaweedfs", "mlflow", "prefect-server"))      # SIGTERM each, wait for its exit
@@ -209,27 +209,29 @@ def test_every_server_restarted_mid_flow(platform, full_stack, ledger):
 
 
 def test_a_retrain_over_more_than_200_records(platform, ledger):
-    from prefect.deployments import run_deployment
-
-    from flows.deploy import prefect_api
+    """205 active records of two concepts, plus withdrawn and failed ones of a third: the retrain (started from the
+    command line) erases every active concept and only those, and promotes."""
     from registry.aliases import current
     from registry.versions import show
 
     model = new_line(platform)
     client, exp = platform.requests.client, platform.requests.experiment_id
-    ids = []
-    for i in range(205):       # records as the platform writes them, made directly: filing 205 takes minutes
-        concept, kind = ("Vela Moreau", "style") if i % 2 else ("circle", "object")
+
+    def record(concept: str, kind: str, status: str) -> str:
         req = Request(concept, kind, model, request_id=str(uuid.uuid4())).validate()
-        req.status = ("promoted", "held", "candidate")[i % 3]
+        req.status = status
         client.create_run(exp, run_name=f"{kind}: {concept}", tags=req.tags())
-        ids.append(req.request_id)
-    with prefect_api(platform.settings.prefect_api):
-        run = run_deployment("retrain/retrain", parameters={"model": model}, timeout=0, as_subflow=False)
-    wait_for(lambda: flow_state(platform, str(run.id)).is_final(), timeout=300)
-    state = flow_state(platform, str(run.id))
-    assert state.is_completed() and state.result()["status"] == "promoted", state.result()
+        return req.request_id
+
+    # records as the platform writes them, made directly: filing 205 one by one takes minutes
+    ids = [record(*(("Vela Moreau", "style") if i % 2 else ("circle", "object")), ("promoted", "held", "candidate")[i % 3])
+           for i in range(205)]
+    dropped = [record("square", "object", status) for status in ("withdrawn", "failed")]
+    r = CliRunner().invoke(APP, ["retrain", "--now", "--wait", "--model", model])
+    assert r.exit_code == 0 and "finished: Completed" in r.output, r.output
     info = show(platform.store, model, current(platform.store, model))
     assert sorted(info["erased"]) == ["Vela Moreau", "circle"] and sorted(info["request_ids"]) == sorted(ids)
-    assert {r.status for r in platform.requests.list(model=model, max_results=None)} == {"promoted"}
+    assert {r.status for r in platform.requests.list(model=model, max_results=None)
+            if r.request_id not in dropped} == {"promoted"}
+    assert [platform.requests.require(d).status for d in dropped] == ["withdrawn", "failed"]
     clean(ledger.record("retrain over 205 request records", audit(platform, model, ids)))

@@ -146,25 +146,6 @@ def test_rollback_restores_previous_production_and_generate_serves_it(platform, 
         assert esd("model", "promote", "toy-sd", str(version), "--reason", "test tear-down").exit_code == 0
 
 
-def test_withdrawn_request_is_excluded_from_retrain(platform, vela):
-    from flows.cli import follow, submit
-    from registry.versions import show
-
-    circle = submit("circle", "object", "toy-sd", request_id="req-circle-1")
-    assert follow(circle["flow_run_id"], quiet=True) == "Completed"
-    w = esd("request", "withdraw", "req-circle-1", "--reason", "requester withdrew")
-    assert w.exit_code == 0, w.output
-    assert platform.requests.require("req-circle-1").status == "withdrawn"
-    r = esd("retrain", "--now", "--wait")
-    assert r.exit_code == 0 and "finished: Completed" in r.output, r.output
-    # Production now carries the consolidated erasure of the active requests only.
-    active = platform.requests.active("toy-sd")
-    info = show(platform.store, "toy-sd", production(platform))
-    assert "req-circle-1" not in info["request_ids"] and "circle" not in info["erased"]
-    assert sorted(info["request_ids"]) == sorted(r.request_id for r in active)
-    assert sorted(info["erased"]) == sorted({r.concept for r in active})
-
-
 def test_retrain_deployment_has_its_schedule(platform):
     from prefect.client.orchestration import get_client
 
