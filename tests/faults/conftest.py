@@ -4,7 +4,10 @@ erases what its promoted requests promised. `make faults` runs this directory an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -13,20 +16,34 @@ from flows.platform import Platform
 
 @dataclass
 class Ledger:
-    rows: list[dict] = field(default_factory=list)
-    bad_input: dict[str, int] = field(default_factory=lambda: {"cases": 0, "refused": 0, "writes": 0})
+    """Rows of the fault table and counts of the bad-input corpus, kept as files under the run's temporary root,
+    so that the summary sees them however many pytest workers (xdist) wrote them."""
+    root: Path
 
     def record(self, fault: str, audited: dict) -> dict:
-        self.rows.append({"fault": fault} | audited)
+        self._write("rows", {"fault": fault} | audited)
         return audited
 
+    def bad_input(self, cases: int, refused: int, writes: int) -> None:
+        self._write("bad-input", {"cases": cases, "refused": refused, "writes": writes})
 
-LEDGER = Ledger()
+    def _write(self, kind: str, row: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{kind}-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read(self, kind: str) -> list[dict]:
+        return [json.loads(line) for p in sorted(self.root.glob(f"{kind}-*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def _ledger(factory) -> Ledger:
+    base = factory.getbasetemp()
+    return Ledger((base.parent if base.name.startswith("popen-gw") else base) / "esd-faults")
 
 
 @pytest.fixture
-def ledger() -> Ledger:
-    return LEDGER
+def ledger(tmp_path_factory) -> Ledger:
+    return _ledger(tmp_path_factory)
 
 
 def audit(platform: Platform, model: str, request_ids: list[str]) -> dict:
@@ -71,8 +88,9 @@ def audit(platform: Platform, model: str, request_ids: list[str]) -> dict:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    rows, bad = LEDGER.rows, LEDGER.bad_input
-    if not rows and not bad["cases"]:
+    ledger = _ledger(terminalreporter.config._tmp_path_factory)
+    rows, bad = ledger.read("rows"), ledger.read("bad-input")
+    if not rows and not bad:
         return
     w = terminalreporter.write_line
     w("")
@@ -84,5 +102,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
         w(f"faults: {len(rows)} injected, {sum(r['lost'] for r in rows)} requests lost, "
           f"{sum(r['half_made'] for r in rows)} half-made versions, {sum(r['wrong_aliases'] for r in rows)} "
           "wrong aliases")
-    if bad["cases"]:
-        w(f"bad input: {bad['cases']} cases, {bad['refused']} refused cleanly, {bad['writes']} writes")
+    for b in bad:
+        w(f"bad input: {b['cases']} cases, {b['refused']} refused cleanly, {b['writes']} writes")

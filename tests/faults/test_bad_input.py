@@ -214,7 +214,7 @@ def _one_line(outcome) -> str | None:
 
 def test_bad_input_is_refused_in_one_line_and_writes_nothing(platform, tmp_path, ledger):
     corpus = cases(tmp_path, platform)
-    problems = []
+    problems, refused_cleanly, writes = [], 0, 0
     for what, action, word in corpus:
         before = snapshot(platform)
         try:
@@ -224,9 +224,9 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(platform, tmp_path,
             line = text if text and "\n" not in text else None
         wrote = snapshot(platform) != before
         refused = line is not None and word.lower() in line.lower()
-        ledger.bad_input["cases"] += 1
-        ledger.bad_input["refused"] += refused
-        ledger.bad_input["writes"] += wrote
+        refused_cleanly += refused
+        writes += wrote
         if not refused or wrote:
             problems.append(f"{what}: {line!r}{' (wrote)' if wrote else ''}")
+    ledger.bad_input(len(corpus), refused_cleanly, writes)
     assert len(corpus) >= 50 and not problems, problems
