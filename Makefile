@@ -1,4 +1,5 @@
 # Set-up and entry points. `make demo` and `make test` install everything they need on a fresh machine.
+SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -30,9 +31,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The fault suite alone (also part of `make test`): its table and its summary lines come last.
+# The fault suite alone (also part of `make test`): its table, then its two summary lines, last.
 faults: install
-	$(BIN)/python -m pytest -q tests/faults
+	set -o pipefail; $(BIN)/python -m pytest -q tests/faults 2>&1 | tee $(VENV)/faults.log
+	@grep -E '^(faults|bad input):' $(VENV)/faults.log
 
 bench: install
 	$(BIN)/esd bench quality
