@@ -21,15 +21,14 @@ from prefect.tasks import exponential_backoff
 
 from flows import promotion
 from flows.deploy import gpu_slot
-from flows.gate import load_settings, verdict as gate_verdict
+from flows.gate import GateError, load_settings, verdict as gate_verdict
 from flows.platform import Platform
+from flows.requests import RequestError
+
 
 def transient(task, task_run, state) -> bool:
     """Retry what a server's hiccup may have caused; a refusal (a withdrawn request, a move not allowed, a gate's
     bad settings) fails at once."""
-    from flows.gate import GateError
-    from flows.requests import RequestError
-
     try:
         state.result()
     except (RequestError, GateError):

@@ -159,8 +159,7 @@ def _discard(store: Store, name: str, source: str, run_id: str, own_run: bool) -
         for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
             if mv.source == source:
                 client.delete_model_version(name, mv.version)
-        unreferenced = not [mv for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-                            if mv.source == source]
+        unreferenced = True             # every version on these objects answered and deleted
     except Exception:
         unreferenced = False
     for step in (lambda: unreferenced and delete_stored(store, source),
