@@ -433,9 +433,9 @@ def main() -> None:
     from infra.env import quiet
 
     quiet()
-    # Prefect reads its API address and home from the environment: set them before any client exists, so no
-    # command ever falls back to a temporary server of its own.
-    for k, v in Settings().prefect_env().items():
+    # Prefect reads its API address, home and auth from the environment, MLflow its credentials: set them before
+    # any client exists, so no command ever falls back to a temporary server of its own.
+    for k, v in Settings().client_env().items():
         os.environ.setdefault(k, v)
     sys.exit(invoke())
 

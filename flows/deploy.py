@@ -54,18 +54,37 @@ def lineage_slot(model: str, timeout_seconds: float | None = None):
                        raise_on_lease_renewal_failure=False)
 
 
+# What a deployment or a flow run may set on the worker: nothing that chooses the command it runs or the environment
+# it runs in (which holds the stack's keys).
+LOCKED_VARIABLES = ("command", "env", "working_dir")
+
+
+def locked_job_template(template: dict) -> dict:
+    """The process worker's base job template without per-run command, environment or working directory: those
+    variables are gone from its schema (extra ones refused) and from the job configuration."""
+    template = {"job_configuration": dict(template["job_configuration"]), "variables": dict(template["variables"])}
+    props = {k: v for k, v in template["variables"]["properties"].items() if k not in LOCKED_VARIABLES}
+    template["variables"] = template["variables"] | {"properties": props, "additionalProperties": False}
+    template["variables"]["required"] = [r for r in template["variables"].get("required", []) if r in props]
+    for k in LOCKED_VARIABLES:
+        template["job_configuration"].pop(k, None)
+    return template
+
+
 def ensure_pool_and_limit(pool: str = WORK_POOL, gpu_slots: int = 1) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.workers.process import ProcessWorker
 
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    template = locked_job_template(ProcessWorker.get_default_base_job_template())
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
         except ObjectAlreadyExists:
-            pass
+            client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=gpu_slots))
         except ObjectAlreadyExists:

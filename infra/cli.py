@@ -22,7 +22,8 @@ def _print(rows: list[stack.ServiceStatus], as_json: bool) -> None:
         return
     for r in rows:
         where = f"pid {r.pid}" if r.pid else ("external" if not r.managed else "not started by this stack")
-        typer.echo(f"{r.name:<15} {'up' if r.up else 'down':<5} {r.address:<28} {where}")
+        auth = {True: "auth on", False: "AUTH OFF", None: "-"}[r.auth]
+        typer.echo(f"{r.name:<15} {'up' if r.up else 'down':<5} {r.address:<28} {auth:<9} {where}")
 
 
 def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up) -> typer.Typer:
@@ -50,6 +51,30 @@ def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up) ->
         rows = stack.status(Settings())
         _print(rows, as_json)
         if not all(r.up for r in rows):
+            raise typer.Exit(1)
+
+    @app.command()
+    @one_line_errors
+    def audit(as_json: bool = AS_JSON) -> None:
+        """Every listening socket the stack opened, tried without credentials; file modes under ESD_HOME; the
+        stack's secrets looked for in logs, command lines, MLflow and Prefect. Exit status 1 on any finding."""
+        from infra import audit as audit_lib
+
+        result = audit_lib.audit(Settings())
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            for f in result["sockets"]:
+                verdict = "refused" if f["anonymous_refused"] else "ANSWERED"
+                typer.echo(f"{f['server']:<15} {f['port']:<6} {verdict:<9} {f['how']}")
+            for line in result["file_findings"]:
+                typer.echo(f"file: {line}")
+            for line in result["secrets_found"]:
+                typer.echo(f"secret: {line}")
+            typer.echo(f"files {'ok' if result['files_ok'] else 'NOT ok'}; "
+                       f"{len(result['secrets_found'])} secret(s) found")
+        if not (all(f["anonymous_refused"] for f in result["sockets"]) and result["files_ok"]
+                and not result["secrets_found"]):
             raise typer.Exit(1)
 
     return app

@@ -18,9 +18,12 @@ QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB
 
 
 def quiet() -> None:
-    """Set the quiet environment (keeping what the user set) and silence warnings nobody has to act on."""
+    """Set the quiet environment (keeping what the user set), a private umask, and silence warnings nobody has to
+    act on."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    # What a platform process writes (credentials, caches, databases, logs) is its owner's alone.
+    os.umask(0o077)
     # Library deprecation notices and MLflow's progress notes ("waiting for model version") say nothing an
     # operator must act on; MLflow's real warnings and errors still show.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -19,6 +19,23 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+GENERATED = {
+    "s3_access_key": lambda: "esd" + secrets.token_hex(8), "s3_secret_key": lambda: secrets.token_urlsafe(30),
+    "s3_reader_access_key": lambda: "esdr" + secrets.token_hex(8),
+    "s3_reader_secret_key": lambda: secrets.token_urlsafe(30),
+    "mlflow_admin_password": lambda: secrets.token_urlsafe(24),
+    "mlflow_flask_secret": lambda: secrets.token_urlsafe(32),
+    "prefect_auth_string": lambda: "esd:" + secrets.token_urlsafe(24),
+    "weed_jwt_key": lambda: secrets.token_urlsafe(32), "weed_filer_jwt_key": lambda: secrets.token_urlsafe(32),
+}
+
+
+def ensure_home(home: Path) -> None:
+    """The data directory, readable by its owner only (0700)."""
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ESD_", extra="ignore")
 
@@ -53,11 +70,17 @@ class Settings(BaseSettings):
     work_pool: str = "esd"
     worker: bool = True                  # run a worker here (set false on a machine that only submits)
     worker_limit: int = 1                # flow runs at once on this worker; erasures also share the "gpu" limit
-    worker_health_port: int = 4211
     retrain_cron: str = "0 3 * * *"      # nightly consolidation
     retrain_model: str = "toy-sd"
     flow_timeout_s: int = Field(6 * 3600, ge=60, description="a takedown or retrain run longer than this fails")
     reap_minutes: int = Field(10, ge=1, description="how often the reaper fails requests whose flow run is dead")
+
+    # Credentials. Unset for a local service: generated once into <home>/credentials.json (0600) and read from
+    # there by every client; for an external service, give the ones it issued.
+    mlflow_username: str = "esd-admin"
+    mlflow_password: SecretStr | None = None
+    mlflow_auth_database_uri: str | None = Field(None, description="default sqlite:///<home>/mlflow-auth.db")
+    prefect_auth_string: SecretStr | None = Field(None, description="user:password of the Prefect server's basic auth")
 
     # Evaluation inside a takedown or retrain (the toy judge): DDIM steps per image, and whether the recovery
     # attack runs (about 30 s a concept on the toy; `esd bench quality` always runs it).
@@ -88,7 +111,8 @@ class Settings(BaseSettings):
         return {"PREFECT_API_URL": self.prefect_api, "PREFECT_HOME": str((self.home / "prefect").resolve()),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
                 "PREFECT_LOCAL_STORAGE_PATH": str((self.home / "prefect" / "results").resolve()),
-                "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "ESD_HOME": str(self.home.resolve())}
+                "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "ESD_HOME": str(self.home.resolve())} | (
+                    {"PREFECT_API_AUTH_STRING": auth} if (auth := self.prefect_auth()) else {})
 
     @property
     def local_s3(self) -> bool:
@@ -108,7 +132,11 @@ class Settings(BaseSettings):
 
     @property
     def backend_store_uri(self) -> str:
-        uri = self.mlflow_backend_store_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+        return self.backend_store_uri_for(self.mlflow_backend_store_uri or
+                                          f"sqlite:///{(self.home / 'mlflow.db').resolve()}")
+
+    @staticmethod
+    def backend_store_uri_for(uri: str) -> str:
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver installed here is psycopg2.
         return "postgresql+psycopg2://" + uri.removeprefix("postgresql://") if uri.startswith("postgresql://") else uri
 
@@ -121,8 +149,27 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    def generated(self, name: str) -> str:
+        """A secret of the local stack (one of GENERATED), made with all the others on first use and kept in
+        <home>/credentials.json, created 0600 before anything is written to it."""
+        path = self.home / "credentials.json"
+        if not path.exists():
+            ensure_home(self.home)
+            values = {k: make() for k, make in GENERATED.items()}
+            tmp = path.with_name(f".credentials.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(values, f)
+            try:
+                os.link(tmp, path)      # the first writer wins; a concurrent one reads the winner's file
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return json.loads(path.read_text())[name]
+
     def s3_keys(self) -> tuple[str, str] | None:
-        """Access keys: from settings, else (local S3 only) random ones made on first use and kept in home.
+        """The platform's S3 keys (it writes): from settings, else (local S3 only) generated into home.
 
         None for an external S3 without keys in settings: boto3's own credential chain applies.
         """
@@ -130,16 +177,38 @@ class Settings(BaseSettings):
             return self.s3_access_key, self.s3_secret_key.get_secret_value()
         if not self.local_s3:
             return None
-        path = self.home / "s3-keys.json"
-        if not path.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
-            keys = {"access_key": "esd" + secrets.token_hex(8), "secret_key": secrets.token_urlsafe(30)}
-            # Created 0600 before writing, so the secret is never readable by others.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(keys, f)
-        keys = json.loads(path.read_text())
-        return keys["access_key"], keys["secret_key"]
+        return self.generated("s3_access_key"), self.generated("s3_secret_key")
+
+    def s3_reader_keys(self) -> tuple[str, str] | None:
+        """Read-only S3 keys for model consumers (local S3 only: generated into home)."""
+        if not self.local_s3:
+            return None
+        return self.generated("s3_reader_access_key"), self.generated("s3_reader_secret_key")
+
+    def mlflow_credentials(self) -> tuple[str, str] | None:
+        """(user, password) for the MLflow server: from settings, else the local server's generated admin."""
+        if self.mlflow_password is not None:
+            return self.mlflow_username, self.mlflow_password.get_secret_value()
+        if not self.local_mlflow:
+            return None
+        return self.mlflow_username, self.generated("mlflow_admin_password")
+
+    def prefect_auth(self) -> str | None:
+        """user:password for the Prefect server's basic auth: from settings, else the local server's generated one."""
+        if self.prefect_auth_string is not None:
+            return self.prefect_auth_string.get_secret_value()
+        if not self.local_prefect:
+            return None
+        return self.generated("prefect_auth_string")
+
+    def mlflow_env(self) -> dict[str, str]:
+        """Environment for every MLflow client (the registry, the served model): its credentials."""
+        creds = self.mlflow_credentials()
+        return {"MLFLOW_TRACKING_USERNAME": creds[0], "MLFLOW_TRACKING_PASSWORD": creds[1]} if creds else {}
+
+    def client_env(self) -> dict[str, str]:
+        """Everything a client process needs to reach this stack: Prefect's address and auth, MLflow's credentials."""
+        return self.prefect_env() | self.mlflow_env()
 
     def s3_env(self) -> dict[str, str]:
         """Environment for processes that talk to S3 through boto3 (the MLflow server)."""

@@ -26,7 +26,7 @@ from typing import Callable
 
 from infra import prefect_server
 from infra.env import QUIET_ENV
-from infra.settings import Settings
+from infra.settings import Settings, ensure_home
 
 
 class StackError(RuntimeError):
@@ -44,6 +44,12 @@ class Service:
     prepare: Callable[[Settings], None] = lambda s: None   # before start: config files, data dirs
     ready: Callable[[Settings], None] = lambda s: None     # after it answers: e.g. create the bucket
     external: bool = True   # when not local: an external server that must answer (False: simply not run here)
+    cwd: Callable[[Settings], Path] = lambda s: s.home
+    health: Callable[[Settings], bool] | None = None      # instead of an HTTP answer at health_url
+    auth: Callable[[Settings], bool] | None = None        # whether its API refuses an anonymous request
+
+    def healthy(self, s: Settings) -> bool:
+        return self.health(s) if self.health is not None else healthy(self.health_url(s))
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class ServiceStatus:
     up: bool
     managed: bool      # started by this stack (False: an external server from settings)
     pid: int | None
+    auth: bool | None = None   # whether its API refuses an anonymous request (None: it opens no port)
 
 
 # --- SeaweedFS -----------------------------------------------------------------------------------------------
@@ -73,13 +80,84 @@ def _weed_dir(s: Settings) -> Path:
 
 
 def _weed_prepare(s: Settings) -> None:
+    """Two S3 identities (the platform writes, a consumer key only reads) and JWT signing between SeaweedFS's own
+    servers, so that its filer and volume ports refuse a request that did not come through the S3 gateway."""
+    ensure_home(s.home)
     (_weed_dir(s) / "data").mkdir(parents=True, exist_ok=True)
-    access, secret = s.s3_keys() or ("", "")
-    config = {"identities": [{"name": "esd", "credentials": [{"accessKey": access, "secretKey": secret}],
-                              "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
-    path = _weed_dir(s) / "s3.json"
+    writer, reader = s.s3_keys() or ("", ""), s.s3_reader_keys() or ("", "")
+    config = {"identities": [
+        {"name": "esd", "credentials": [{"accessKey": writer[0], "secretKey": writer[1]}],
+         "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+        {"name": "esd-reader", "credentials": [{"accessKey": reader[0], "secretKey": reader[1]}],
+         "actions": [f"Read:{s.s3_bucket}", f"List:{s.s3_bucket}"]}]}
+    _private(_weed_dir(s) / "s3.json", json.dumps(config))
+    # weed reads ./security.toml from its working directory (the stack runs it in _weed_dir). JWTs sign every
+    # filer and volume request, mutual TLS guards every gRPC port, and the guard's white list names no address,
+    # so the master's HTTP API (which hands out write locations) answers nobody.
+    ca, cert, key = _weed_tls(s)
+    jwt, filer_jwt = s.generated("weed_jwt_key"), s.generated("weed_filer_jwt_key")
+    grpc = "".join(f'[grpc.{part}]\ncert = "{cert}"\nkey = "{key}"\nclient_cert = "{cert}"\nclient_key = "{key}"\n'
+                   f'allowed_commonNames = "{WEED_TLS_NAME}"\n\n'
+                   for part in ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq"))
+    _private(_weed_dir(s) / "security.toml",
+             f'[jwt.signing]\nkey = "{jwt}"\nexpires_after_seconds = 60\n\n'
+             f'[jwt.signing.read]\nkey = "{jwt}"\nexpires_after_seconds = 60\n\n'
+             f'[jwt.filer_signing]\nkey = "{filer_jwt}"\nexpires_after_seconds = 60\n\n'
+             f'[jwt.filer_signing.read]\nkey = "{filer_jwt}"\nexpires_after_seconds = 60\n\n'
+             f'[access]\nui = false\n\n'
+             f'[grpc]\nca = "{ca}"\n\n{grpc}[grpc.client]\ncert = "{cert}"\nkey = "{key}"\n')
+
+
+WEED_TLS_NAME = "esd-seaweedfs"
+WEED_NOBODY = "192.0.2.1"   # TEST-NET-1 (RFC 5737): no client ever comes from there
+
+
+def _weed_tls(s: Settings) -> tuple[Path, Path, Path]:
+    """A private CA and one certificate (for 127.0.0.1) that SeaweedFS's servers present and require of each other;
+    made once under <home>/seaweedfs/tls, keys 0600."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = _weed_dir(s) / "tls"
+    ca_path, cert_path, key_path = d / "ca.crt", d / "weed.crt", d / "weed.key"
+    if ca_path.exists() and cert_path.exists() and key_path.exists():
+        return ca_path.resolve(), cert_path.resolve(), key_path.resolve()
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=3650))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            import ipaddress
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(s.host))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certificate("esd local CA", ca_key, "esd local CA", ca_key, True)
+    cert = certificate(WEED_TLS_NAME, key, "esd local CA", ca_key, False)
+    _private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode())
+    _private(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
+    _private(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM).decode())
+    return ca_path.resolve(), cert_path.resolve(), key_path.resolve()
+
+
+def _private(path: Path, text: str) -> None:
+    """Write a file that only its owner may read (0600 before any byte is in it)."""
     path.touch(mode=0o600, exist_ok=True)
-    path.write_text(json.dumps(config))
+    path.chmod(0o600)
+    path.write_text(text)
 
 
 def _weed_command(s: Settings) -> list[str]:
@@ -112,36 +190,57 @@ def _ensure_bucket(s: Settings, timeout: float = 60) -> None:
 SEAWEEDFS = Service(
     name="seaweedfs", local=lambda s: s.local_s3, address=lambda s: s.s3_url,
     health_url=lambda s: f"{s.s3_url}/healthz" if s.local_s3 else s.s3_url,
-    command=_weed_command, env=lambda s: {}, prepare=_weed_prepare, ready=_ensure_bucket)
+    command=_weed_command, env=lambda s: {}, prepare=_weed_prepare, ready=_ensure_bucket, cwd=_weed_dir,
+    auth=lambda s: _anonymous_refused(s.s3_url, "GET", "/"))
 
 
 # --- MLflow --------------------------------------------------------------------------------------------------
 
+def _mlflow_auth_config(s: Settings) -> Path:
+    return s.home / "mlflow-auth.ini"
+
+
+def _mlflow_prepare(s: Settings) -> None:
+    """MLflow's basic-auth app: its own user database; nobody but a granted user reads or writes anything."""
+    ensure_home(s.home)
+    database = s.mlflow_auth_database_uri or f"sqlite:///{(s.home / 'mlflow-auth.db').resolve()}"
+    _private(_mlflow_auth_config(s), "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                    f"database_uri = {s.backend_store_uri_for(database)}\nadmin_username = {s.mlflow_username}\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                    "grant_default_workspace_access = false\n")
+
+
 def _mlflow_command(s: Settings) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "server", "--host", s.host, "--port", str(s.mlflow_port),
-            "--backend-store-uri", s.backend_store_uri, "--artifacts-destination", s.artifacts_destination,
+    # The store URIs (which may hold a database password) travel in the environment, never on the command line.
+    return [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", s.host,
+            "--port", str(s.mlflow_port), "--artifacts-destination", s.artifacts_destination,
             "--workers", str(s.mlflow_workers)]
 
 
 def _mlflow_env(s: Settings) -> dict[str, str]:
     # Job execution (GenAI jobs) would start an extra consumer process we never use.
-    return s.s3_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return s.s3_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": s.backend_store_uri,
+                         "MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(s).resolve()),
+                         "MLFLOW_AUTH_ADMIN_PASSWORD": s.mlflow_credentials()[1],
+                         "MLFLOW_FLASK_SERVER_SECRET_KEY": s.generated("mlflow_flask_secret")}
 
 
 MLFLOW = Service(
     name="mlflow", local=lambda s: s.local_mlflow, address=lambda s: s.tracking_uri,
     health_url=lambda s: f"{s.tracking_uri}/health", command=_mlflow_command, env=_mlflow_env,
-    prepare=lambda s: s.home.mkdir(parents=True, exist_ok=True))
+    prepare=_mlflow_prepare,
+    auth=lambda s: _anonymous_refused(s.tracking_uri, "GET", "/api/2.0/mlflow/experiments/search?max_results=1"))
 
 # --- Prefect --------------------------------------------------------------------------------------------------
 
 PREFECT_SERVER = Service(
     name="prefect-server", local=lambda s: s.local_prefect, address=lambda s: s.prefect_api.removesuffix("/api"),
-    health_url=lambda s: f"{s.prefect_api}/health", command=prefect_server.server_command, env=prefect_server.server_env)
+    health_url=lambda s: f"{s.prefect_api}/health", command=prefect_server.server_command, env=prefect_server.server_env,
+    auth=lambda s: _anonymous_refused(s.prefect_api, "POST", "/flows/filter"))
 
 PREFECT_WORKER = Service(
     name="prefect-worker", local=lambda s: s.worker, address=lambda s: f"pool {s.work_pool}",
-    health_url=lambda s: f"http://{s.host}:{s.worker_health_port}/health", command=prefect_server.worker_command,
+    health_url=lambda s: "", health=prefect_server.worker_online, command=prefect_server.worker_command,
     env=prefect_server.worker_env, external=False)
 
 # Start order; stop is the reverse. The MLflow server needs S3 first; the worker needs the Prefect server.
@@ -208,6 +307,19 @@ def running_pid(s: Settings, name: str) -> int | None:
     return pid
 
 
+def _anonymous_refused(base: str, method: str, path: str) -> bool:
+    """Whether an HTTP data request without credentials is refused (401/403)."""
+    req = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5):
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code in (401, 403)
+    except (urllib.error.URLError, OSError):
+        return True
+
+
 def healthy(url: str, timeout: float = 3) -> bool:
     """Any HTTP answer below 500 counts (an external S3 root answers 403 to anonymous requests)."""
     try:
@@ -220,17 +332,21 @@ def healthy(url: str, timeout: float = 3) -> bool:
 
 
 def _start(s: Settings, svc: Service, timeout: float) -> int:
+    ensure_home(s.home)
     svc.prepare(s)
     argv = svc.command(s)
     log_path = s.home / "logs" / f"{svc.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    _pid_file(s, svc.name).parent.mkdir(parents=True, exist_ok=True)
+    for d in (log_path.parent, _pid_file(s, svc.name).parent):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = os.environ | QUIET_ENV | svc.env(s)
-    with open(log_path, "ab") as log:
+    # Secrets reach a service by its environment and files only its owner reads; umask 077 keeps what it writes
+    # (databases, data, logs) private too.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
         # A new session: the service and its workers form one process group that `down` can stop together.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=s.home, start_new_session=True)
-    _pid_file(s, svc.name).write_text(json.dumps({"pid": proc.pid, "argv": argv}))
+                                cwd=svc.cwd(s), start_new_session=True, umask=0o077)
+    _private(_pid_file(s, svc.name), json.dumps({"pid": proc.pid, "argv": argv}))
     _wait_healthy(s, svc, timeout)
     svc.ready(s)
     return proc.pid
@@ -238,7 +354,7 @@ def _start(s: Settings, svc: Service, timeout: float) -> int:
 
 def _wait_healthy(s: Settings, svc: Service, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not healthy(svc.health_url(s)):
+    while not svc.healthy(s):
         if running_pid(s, svc.name) is None or time.monotonic() > deadline:
             _stop(s, svc.name)
             log_path = s.home / "logs" / f"{svc.name}.log"
@@ -269,7 +385,9 @@ def status(s: Settings, only: tuple[str, ...] | None = None) -> list[ServiceStat
         if not svc.local(s) and not svc.external:
             continue
         pid = running_pid(s, svc.name) if svc.local(s) else None
-        out.append(ServiceStatus(svc.name, svc.address(s), healthy(svc.health_url(s)), svc.local(s), pid))
+        up = svc.healthy(s)
+        out.append(ServiceStatus(svc.name, svc.address(s), up, svc.local(s), pid,
+                                 svc.auth(s) if up and svc.auth is not None else None))
     return out
 
 
@@ -278,11 +396,11 @@ def up(s: Settings, only: tuple[str, ...] | None = None, timeout: float = 180) -
     ones answer."""
     for svc in _services(only):
         if not svc.local(s):
-            if svc.external and not healthy(svc.health_url(s)):
+            if svc.external and not svc.healthy(s):
                 raise StackError(f"{svc.name} at {svc.address(s)} (from settings) is not answering")
             continue
         if running_pid(s, svc.name) is None:
-            if healthy(svc.health_url(s)):
+            if svc.health is None and svc.healthy(s):
                 raise StackError(f"{svc.address(s)} is already taken by a {svc.name} this stack did not start; "
                                  f"stop it or choose other ports (ESD_* settings)")
             _start(s, svc, timeout)

@@ -58,7 +58,8 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Store":
-        """The registry that the settings point at."""
+        """The registry that the settings point at. MLflow's client reads its credentials from the environment."""
+        os.environ.update(settings.mlflow_env())
         return cls(tracking_uri=settings.tracking_uri, s3_endpoint=settings.s3_url, s3_keys=settings.s3_keys(),
                    s3_region=settings.s3_region, artifacts_destination=settings.artifacts_destination,
                    cache_dir=settings.cache_dir)

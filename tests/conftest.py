@@ -7,7 +7,9 @@ registry tests; the full stack with the Prefect server and worker starts only wh
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import socket
 import uuid
 from contextlib import contextmanager
@@ -44,12 +46,32 @@ def free_ports(n: int) -> list[int]:
     return chosen
 
 
-def stack_settings(home: Path, backend_store_uri: str | None = None) -> Settings:
-    """Settings for a private stack under home, on free ports."""
-    s3, master, volume, filer, admin, mlflow, prefect, worker = free_ports(8)
+# One set of server credentials for every stack of a test session: MLflow's and Prefect's clients read theirs from
+# the process environment, and several stacks live in one test process. (Generated ones: tests/infra.)
+SESSION_MLFLOW_PASSWORD = secrets.token_urlsafe(24)
+SESSION_PREFECT_AUTH = "esd:" + secrets.token_urlsafe(24)
+os.environ.update({"MLFLOW_TRACKING_USERNAME": Settings().mlflow_username, "MLFLOW_TRACKING_PASSWORD": SESSION_MLFLOW_PASSWORD,
+                   "PREFECT_API_AUTH_STRING": SESSION_PREFECT_AUTH})
+
+
+def stack_settings(home: Path, backend_store_uri: str | None = None, generated: bool = False) -> Settings:
+    """Settings for a private stack under home, on free ports. Its credentials file is written first with the
+    session's MLflow and Prefect credentials (the rest generated as always), unless GENERATED: all its own."""
+    import json
+
+    from infra.settings import GENERATED, ensure_home
+
+    if not generated and not (home / "credentials.json").exists():
+        ensure_home(home)
+        values = {k: make() for k, make in GENERATED.items()} | {"mlflow_admin_password": SESSION_MLFLOW_PASSWORD,
+                                                                 "prefect_auth_string": SESSION_PREFECT_AUTH}
+        fd = os.open(home / "credentials.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(values, f)
+    s3, master, volume, filer, admin, mlflow, prefect = free_ports(7)
     return Settings(home=home, s3_port=s3, weed_master_port=master, weed_volume_port=volume, weed_filer_port=filer,
                     weed_admin_port=admin, mlflow_port=mlflow, mlflow_backend_store_uri=backend_store_uri,
-                    prefect_port=prefect, worker_health_port=worker, prefect_api_url=None, prefect_database_url=None,
+                    prefect_port=prefect, prefect_api_url=None, prefect_database_url=None,
                     s3_endpoint=None, mlflow_tracking_uri=None, s3_access_key=None, s3_secret_key=None)
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from flows.cli import build_app
 from flows.requests import Request
 from infra import stack as stack_lib
-from tests.conftest import environ, free_ports, platform_env
+from tests.conftest import environ, platform_env
 from tests.faults.conftest import audit
 
 APP = build_app()
@@ -151,10 +151,9 @@ def test_two_takedowns_on_one_model_with_two_workers(platform, full_stack, ledge
     from infra import prefect_server
 
     model = new_line(platform)
-    port = free_ports(1)[0]
     command = prefect_server.worker_command(full_stack)
     command[command.index("--name") + 1] = "esd-second-worker"
-    env = os.environ | prefect_server.worker_env(full_stack) | {"PREFECT_WORKER_WEBSERVER_PORT": str(port)}
+    env = os.environ | prefect_server.worker_env(full_stack)
     second = subprocess.Popen(command, env=env, cwd=full_stack.home, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -32,7 +32,28 @@ def test_keys_are_random_private_and_kept(tmp_path):
     assert a == Settings(home=tmp_path / "a").s3_keys()            # kept across starts
     assert a != Settings(home=tmp_path / "b").s3_keys()            # not a shared default
     assert len(a[1]) >= 30 and a[0] not in ("admin", "minioadmin", "any")
-    assert stat.S_IMODE((tmp_path / "a" / "s3-keys.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "a" / "credentials.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+
+
+def test_every_local_service_gets_its_own_generated_credentials(tmp_path):
+    s = Settings(home=tmp_path)
+    user, password = s.mlflow_credentials()
+    reader = s.s3_reader_keys()
+    auth = s.prefect_auth()
+    assert len(password) >= 24 and auth.startswith("esd:") and len(auth) > 20
+    assert reader != s.s3_keys() and len({password, auth, reader[1], s.s3_keys()[1]}) == 4
+    # every client reads them from the same place
+    assert s.client_env()["PREFECT_API_AUTH_STRING"] == auth
+    assert s.client_env()["MLFLOW_TRACKING_PASSWORD"] == password and s.client_env()["MLFLOW_TRACKING_USERNAME"] == user
+    assert Settings(home=tmp_path).mlflow_credentials() == (user, password)
+    # given ones win, and an external service without any gets none
+    given = Settings(home=tmp_path, mlflow_password="pw", prefect_auth_string="u:p")
+    assert given.mlflow_credentials() == ("esd-admin", "pw") and given.prefect_auth() == "u:p"
+    external = Settings(home=tmp_path / "x", mlflow_tracking_uri="https://m.example.org",
+                        prefect_api_url="https://p.example.org/api")
+    assert external.mlflow_credentials() is None and external.prefect_auth() is None
+    assert not (tmp_path / "x" / "credentials.json").exists()
 
 
 def test_external_services(tmp_path):
@@ -40,5 +61,5 @@ def test_external_services(tmp_path):
                  s3_access_key="AK", s3_secret_key="SK")
     assert not s.local_s3 and not s.local_mlflow
     assert s.s3_url == "https://s3.example.org" and s.tracking_uri == "https://mlflow.example.org"
-    assert s.s3_keys() == ("AK", "SK") and not (tmp_path / "s3-keys.json").exists()
+    assert s.s3_keys() == ("AK", "SK") and not (tmp_path / "credentials.json").exists()
     assert Settings(home=tmp_path, s3_endpoint="https://s3.example.org").s3_keys() is None   # boto3's own chain
