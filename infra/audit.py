@@ -146,13 +146,19 @@ def probe(s: Settings, service: str, port: int) -> SocketFinding:
     return SocketFinding(kind if kind != "unknown" else service, port, refused, how)
 
 
+# Files that hold secrets or records (credentials, server configs and keys, databases, logs, pid files):
+# their owner's alone. Anything else under ESD_HOME (data blocks SeaweedFS writes 0644, model blobs) must at least
+# not be writable by others; ESD_HOME itself is 0700, so none of it is reachable by another user anyway.
+PRIVATE_SUFFIXES = (".json", ".ini", ".toml", ".key", ".crt", ".db", ".db-shm", ".db-wal", ".log", ".pid")
+
+
 def file_findings(s: Settings) -> list[str]:
-    """Paths under ESD_HOME that a group or other user may reach (home itself must be 0700)."""
+    """What under ESD_HOME breaks those rules."""
     bad = []
     if not s.home.exists():
         return bad
     if stat.S_IMODE(s.home.stat().st_mode) & 0o077:
-        bad.append(f"{s.home} is {oct(stat.S_IMODE(s.home.stat().st_mode))}")
+        bad.append(f"{s.home} is {oct(stat.S_IMODE(s.home.stat().st_mode))} (want 0700)")
     for root, dirs, files in os.walk(s.home):
         for name in dirs + files:
             p = Path(root) / name
@@ -160,8 +166,12 @@ def file_findings(s: Settings) -> list[str]:
                 mode = stat.S_IMODE(p.lstat().st_mode)
             except OSError:
                 continue
-            if not p.is_symlink() and mode & 0o077:
-                bad.append(f"{p} is {oct(mode)}")
+            if p.is_symlink():
+                continue
+            if mode & 0o022:
+                bad.append(f"{p} is {oct(mode)}: writable by others")
+            elif p.is_file() and name.endswith(PRIVATE_SUFFIXES) and mode & 0o077:
+                bad.append(f"{p} is {oct(mode)}: readable by others")
     return bad
 
 

@@ -178,7 +178,7 @@ def fetch(tracking_uri: str, cache_dir: Path, source: str, manifest_sha256: str)
                 actual = file_sha256(got)
                 if actual != meta["sha256"]:
                     raise _mismatch(f"{source}/{WEIGHTS}/{rel}", meta["sha256"], actual)
-                got.chmod(0o444)
+                got.chmod(0o400)     # read-only blobs, shared by hard links, readable by their owner only
                 os.replace(got, blob)
             target = staging / WEIGHTS / rel
             target.parent.mkdir(parents=True, exist_ok=True)
