@@ -10,7 +10,7 @@ import torch
 
 from esd import delta as delta_lib
 from esd.models import load_pipeline
-from registry.store import VERSION_FILE, WEIGHTS, Store, fetch, verify_local
+from registry.store import VERSION_FILE, WEIGHTS, IntegrityError, Store, fetch, sha256_bytes, verify_local
 from registry.versions import resolve
 
 
@@ -48,12 +48,45 @@ def _assemble(pipe, delta):
     return pipe
 
 
+def verify_model_dir(folder: Path, tracking_uri: str) -> dict:
+    """A local model directory checked against the registry before anything in it is read: its manifest must be
+    the one a registered version's esd.manifest_sha256 tag names, and every other file (MLmodel, the pyfunc code,
+    requirements, weights) must match that manifest, with nothing unlisted beside them. Returns the manifest."""
+    from mlflow import MlflowClient
+
+    raw = (folder / VERSION_FILE).read_bytes()
+    sha = sha256_bytes(raw)
+    if not MlflowClient(tracking_uri).search_model_versions(f"tags.`esd.manifest_sha256` = '{sha}'", max_results=1):
+        raise IntegrityError(f"{folder / VERSION_FILE} (sha256 {sha[:12]}) is no registered version's manifest")
+    manifest = json.loads(raw)
+    verify_local(folder, manifest)
+    return manifest
+
+
 def pipeline_from_dir(folder: Path, tracking_uri: str, cache_dir: Path, dtype: torch.dtype = torch.float32,
                       device: str = "cpu"):
-    """Build the pipeline of one version from its local directory (esd-version.json + weights/), checking every
-    file against the manifest first (the pyfunc path, where MLflow did the download)."""
-    verify_local(folder / WEIGHTS, json.loads((folder / VERSION_FILE).read_text()))
+    """Build the pipeline of one version from its local model directory, every file checked against the registry
+    first (the pyfunc path, where MLflow did the download)."""
+    verify_model_dir(folder, tracking_uri)
     return _assemble(*_parts(folder, tracking_uri, cache_dir, dtype, device))
+
+
+def pyfunc(store: Store, ref: str):
+    """The version as MLflow's pyfunc, its directory downloaded and checked against the registry before MLflow
+    reads any of it (mlflow.pyfunc.load_model on a models:/ URI runs the stored code first, then checks)."""
+    import tempfile
+
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    mv = resolve(store, ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp,
+                                                         tracking_uri=store.tracking_uri))
+        verify_model_dir(local, store.tracking_uri)
+        if sha256_bytes((local / VERSION_FILE).read_bytes()) != (mv.tags or {}).get("esd.manifest_sha256"):
+            raise IntegrityError(f"{ref}: the downloaded manifest is not this version's")
+        return mlflow.pyfunc.load_model(str(local))    # the pipeline is built (and the files read) right here
 
 
 def default_cache_dir() -> Path:

@@ -4,7 +4,9 @@
 (N, H, W, 3), and `mlflow models serve -m models:/toy-sd@production --env-manager local` serves them.
 MLflow copies this file into each version's model directory and executes it from there when loading, so the
 version's esd-version.json and weights/ lie beside it; an erased version fetches its base through the
-tracking server (verified, cached by sha256).
+tracking server (verified, cached by sha256). Before reading any weights, load_context checks the whole directory
+(this file, MLmodel, requirements, weights) against the manifest whose sha256 a registered version's tag names.
+MLflow has already run this file by then: `registry.load.pyfunc` checks the directory before MLflow reads it.
 """
 
 from __future__ import annotations

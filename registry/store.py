@@ -99,16 +99,37 @@ def _require(manifest_sha256: str, source: str) -> None:
         raise RegistryError(f"{source} has no recorded manifest checksum (esd.manifest_sha256): not an esd version")
 
 
-def manifest_files(manifest: dict, where: str) -> dict[str, dict]:
-    """A manifest's files, each path checked to stay inside the version: relative, no '..', no backslash."""
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+def manifest_files(manifest: dict, where: str, key: str = "files") -> dict[str, dict]:
+    """A manifest's weight files (KEY "files", relative to weights/) or model files ("model_files": MLmodel, the
+    pyfunc code, requirements; relative to the model directory), each path checked to stay inside the version:
+    relative, no '..', no backslash."""
+    files = manifest.get(key) if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
-        raise IntegrityError(f"manifest of {where} lists no files")
+        raise IntegrityError(f"manifest of {where} lists no {key.replace('_', ' ')}")
     for rel in files:
         parts = PurePosixPath(rel).parts
         if not rel or rel.startswith("/") or "\\" in rel or ".." in parts or ":" in rel:
             raise IntegrityError(f"manifest of {where} names {rel!r}, a path outside the version")
     return files
+
+
+def manifest_entries(manifest: dict, where: str) -> dict[str, dict]:
+    """Every file of a version but the manifest itself, by its path in the model directory."""
+    entries = {f"{WEIGHTS}/{rel}": meta for rel, meta in manifest_files(manifest, where).items()}
+    model = manifest_files(manifest, where, "model_files")
+    if VERSION_FILE in model or any(rel.startswith(f"{WEIGHTS}/") for rel in model):
+        raise IntegrityError(f"manifest of {where} lists its own files twice")
+    return entries | model
+
+
+def model_dir_files(folder: Path) -> dict[str, dict]:
+    """sha256 and size of every file of a model directory but the manifest and weights/ (what model_files lists)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel != VERSION_FILE and not rel.startswith(f"{WEIGHTS}/") and "__pycache__" not in p.parts:
+            out[rel] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    return out
 
 
 def verify_stored(store: Store, source: str, manifest_sha256: str) -> dict:
@@ -123,10 +144,17 @@ def verify_stored(store: Store, source: str, manifest_sha256: str) -> dict:
         if sha256_bytes(raw) != manifest_sha256:
             raise _mismatch(f"{source}/{VERSION_FILE}", manifest_sha256, sha256_bytes(raw))
         manifest = json.loads(raw)
-        for rel, meta in manifest_files(manifest, source).items():
-            actual = _stored_sha256(s3, bucket, f"{prefix}/{WEIGHTS}/{rel}")
+        entries = manifest_entries(manifest, source)
+        for rel, meta in entries.items():
+            actual = _stored_sha256(s3, bucket, f"{prefix}/{rel}")
             if actual != meta["sha256"]:
-                raise _mismatch(f"{source}/{WEIGHTS}/{rel}", meta["sha256"], actual)
+                raise _mismatch(f"{source}/{rel}", meta["sha256"], actual)
+        # ... and nothing else is stored there: a file the manifest does not cover would be served unchecked
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix.rstrip("/")) + 1:]
+                if rel != VERSION_FILE and rel not in entries:
+                    raise IntegrityError(f"{source}/{rel} is stored but not in the version's manifest")
     except ClientError as exc:
         raise IntegrityError(f"cannot read stored file under {source}: {exc.response['Error'].get('Code')}") from None
     return manifest
@@ -171,7 +199,12 @@ def fetch(tracking_uri: str, cache_dir: Path, source: str, manifest_sha256: str)
             raise _mismatch(f"{source}/{VERSION_FILE}", manifest_sha256, sha256_bytes(raw))
         staging.mkdir()
         (staging / VERSION_FILE).write_bytes(raw)
-        for rel, meta in manifest_files(json.loads(raw), source).items():
+        manifest = json.loads(raw)
+        for rel, meta in manifest_files(manifest, source, "model_files").items():
+            got = _download(tracking_uri, f"{source}/{rel}", Path(tmp) / "model")
+            if file_sha256(got) != meta["sha256"]:
+                raise _mismatch(f"{source}/{rel}", meta["sha256"], file_sha256(got))
+        for rel, meta in manifest_files(manifest, source).items():
             blob = blobs / meta["sha256"]
             if not blob.exists():
                 got = _download(tracking_uri, f"{source}/{WEIGHTS}/{rel}", Path(tmp) / "dl")
@@ -192,12 +225,25 @@ def fetch(tracking_uri: str, cache_dir: Path, source: str, manifest_sha256: str)
     return tree
 
 
+# Written into a downloaded model directory by MLflow's loader itself (models:/ URIs), never stored with a version.
+LOADER_FILES = {"registered_model_meta"}
+
+
 def verify_local(folder: Path, manifest: dict) -> None:
-    """Check a local weights folder against its manifest (the pyfunc path, where MLflow did the download)."""
-    for rel, meta in manifest_files(manifest, str(folder)).items():
+    """Check a local model directory (esd-version.json, the pyfunc files, weights/) against its manifest: every
+    listed file present with its sha256, and no other file (the pyfunc path, where MLflow did the download)."""
+    entries = manifest_entries(manifest, str(folder))
+    for rel, meta in entries.items():
         path = folder / rel
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             raise IntegrityError(f"missing file {path}")
         actual = file_sha256(path)
         if actual != meta["sha256"]:
             raise _mismatch(str(path), meta["sha256"], actual)
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if (p.is_file() and rel != VERSION_FILE and rel not in entries and rel not in LOADER_FILES
+                and "__pycache__" not in p.parts):
+            raise IntegrityError(f"{p} is not in the version's manifest")
+
+

@@ -18,6 +18,7 @@ from esd import delta as delta_lib
 from esd.models import check_folder
 from infra.errors import first_line
 from registry.store import (FORMAT, VERSION_FILE, WEIGHTS, RegistryError, Store, delete_stored, file_sha256,
+                            model_dir_files,
                             verify_stored)
 
 # Weight formats that unpickle on load are never uploaded: load uses safetensors only.
@@ -106,7 +107,15 @@ def _save_pyfunc(model_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         mlflow.pyfunc.save_model(str(model_dir), python_model=str(PYFUNC_FILE), signature=_signature(),
-                                 pip_requirements=["esd-platform", "mlflow", "torch", "diffusers", "transformers"])
+                                 pip_requirements=pinned_requirements())
+
+
+def pinned_requirements() -> list[str]:
+    """The versions that made the model, pinned (esd-platform is this project, installed from its source)."""
+    from importlib.metadata import version
+
+    return [f"{d}=={version(d)}" for d in ("esd-platform", "mlflow", "torch", "diffusers", "transformers",
+                                           "safetensors")]
 
 
 def _register(store: Store, name: str, files: dict[str, Path], manifest: dict, tags: dict[str, str],
@@ -122,6 +131,8 @@ def _register(store: Store, name: str, files: dict[str, Path], manifest: dict, t
             # Symlinks, not copies: a multi-GB base is read once, straight from where it lies, during upload.
             (model_dir / WEIGHTS / rel).parent.mkdir(parents=True, exist_ok=True)
             (model_dir / WEIGHTS / rel).symlink_to(Path(src).resolve())
+        # The manifest covers every file of the version, the pyfunc's own (MLmodel, code, requirements) included
+        manifest = manifest | {"model_files": model_dir_files(model_dir)}
         (model_dir / VERSION_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         manifest_sha256 = file_sha256(model_dir / VERSION_FILE)
         stored_bytes = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())

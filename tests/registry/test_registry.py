@@ -194,3 +194,71 @@ def test_corrupt_object_refuses_load_and_promote(backend_stack, tiny_sd, tmp_pat
         registry.rollback(store, name, "refused", "ops", to=1)
     with pytest.raises(registry.IntegrityError):
         load_version(dataclasses.replace(store, cache_dir=tmp_path / "cache2"), f"{name}/1")
+
+
+def test_every_file_of_a_version_is_checked_before_it_is_served(stack, tiny_sd, tmp_path, monkeypatch):
+    """A changed MLmodel, pyfunc file or requirements, an extra file, and a consistent rewrite of manifest plus
+    weights: each refused by registry.load, by registry.load.pyfunc and by MLflow's own pyfunc loader."""
+    import hashlib
+    import json
+
+    import mlflow.pyfunc
+
+    from registry.load import pyfunc
+
+    store = dataclasses.replace(Store.from_settings(stack), cache_dir=tmp_path / "cache")
+    name = f"toy-{uuid.uuid4().hex[:6]}"
+    registry.import_base(store, tiny_sd, name)
+    registry.register_erased(store, name, make_delta(tiny_sd, tmp_path / "d", ["circle"], seed=5))
+    source = registry.show(store, name, 2)["source"]
+    s3 = store.s3()
+    bucket, prefix = store.s3_location(source)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/esd-version.json")["Body"].read())
+    assert {"MLmodel", "pyfunc_model.py", "requirements.txt"} <= set(manifest["model_files"])
+    requirements = s3.get_object(Bucket=bucket, Key=f"{prefix}/requirements.txt")["Body"].read().decode()
+    assert "torch==" in requirements and "mlflow==" in requirements and "esd-platform==" in requirements
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.tracking_uri)
+    monkeypatch.setenv("ESD_HOME", str(tmp_path))
+    mlflow.pyfunc.load_model(f"models:/{name}/2")            # the untouched version loads
+
+    def get(rel: str) -> bytes:
+        return s3.get_object(Bucket=bucket, Key=f"{prefix}/{rel}")["Body"].read()
+
+    def rewrite_consistently() -> dict[str, bytes]:
+        delta = bytearray(get(f"weights/{delta_lib.TENSORS_FILE}"))
+        delta[-1] ^= 0xFF
+        forged = json.loads(get("esd-version.json"))
+        forged["files"][delta_lib.TENSORS_FILE]["sha256"] = hashlib.sha256(delta).hexdigest()
+        return {f"weights/{delta_lib.TENSORS_FILE}": bytes(delta), "esd-version.json": json.dumps(forged).encode()}
+
+    tampers = {"MLmodel": lambda: {"MLmodel": get("MLmodel") + b"\n# changed\n"},
+               "pyfunc code": lambda: {"pyfunc_model.py": get("pyfunc_model.py") + b"\nprint('changed')\n"},
+               "requirements": lambda: {"requirements.txt": b"torch\nsomething-else\n"},
+               "an extra file": lambda: {"extra.py": b"import os\n"},
+               "manifest and weights rewritten together": rewrite_consistently}
+    for what, tamper in tampers.items():
+        changes = tamper()
+        saved = {rel: get(rel) for rel in changes if rel != "extra.py"}
+        for rel, body in changes.items():
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
+        try:
+            loaders = {"registry.load": lambda: load_version(dataclasses.replace(store, cache_dir=tmp_path / what),
+                                                             f"{name}/2"),
+                       "registry.load.pyfunc": lambda: pyfunc(store, f"{name}/2"),
+                       "mlflow.pyfunc.load_model": lambda: mlflow.pyfunc.load_model(f"models:/{name}/2")}
+            if what == "an extra file":
+                del loaders["registry.load"]     # it reads only the files the manifest lists; the pyfunc loaders
+                #                                  would run whatever lies in the directory, so they refuse it
+            for loader, load in loaders.items():
+                with pytest.raises(Exception, match="checksum mismatch|not in the version's manifest|no registered"
+                                                    " version's manifest|is stored but not"):
+                    load()
+                    pytest.fail(f"{loader} loaded a version with {what} changed")
+            with pytest.raises(registry.IntegrityError):
+                registry.verify(store, name, 2)
+        finally:
+            for rel, body in saved.items():
+                s3.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
+            if "extra.py" in changes:
+                s3.delete_object(Bucket=bucket, Key=f"{prefix}/extra.py")
+    registry.verify(store, name, 2)
