@@ -397,6 +397,10 @@ def demo(concept: str = typer.Option(DEMO_CONCEPT, help="the artist whose style 
     console.print(f"MLflow UI:  {s.tracking_uri}/#/experiments/{experiment}/runs/{r['run_id']}", soft_wrap=True)
     console.print(f"Prefect UI: {s.prefect_api.removesuffix('/api')}/runs/flow-run/{result['flow_run_id']}",
                   soft_wrap=True)
+    if s.local_mlflow or s.local_prefect:
+        console.print(f"sign-in:    MLflow user {s.mlflow_username}, Prefect's auth string: in "
+                      f"{(s.home / 'credentials.json').resolve()} (mlflow_admin_password, prefect_auth_string)",
+                      soft_wrap=True)
     console.print(f"takedown finished in {time.time() - t0:.0f}s")
 
 

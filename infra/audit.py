@@ -24,7 +24,7 @@ from infra.settings import GENERATED, Settings
 
 # An anonymous data request per known port: (method, path)
 PROBES = {"s3": ("GET", "/"), "mlflow": ("GET", "/api/2.0/mlflow/experiments/search?max_results=1"),
-          "prefect-server": ("POST", "/api/flows/filter"), "weed-filer": ("GET", "/buckets/"),
+          "prefect-server": ("GET", "/api/admin/settings"), "weed-filer": ("GET", "/buckets/"),
           "weed-volume": ("GET", "/1,0100000000"), "weed-master": ("GET", "/dir/assign"),
           "weed-admin": ("GET", "/metrics")}
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"

@@ -236,7 +236,7 @@ MLFLOW = Service(
 PREFECT_SERVER = Service(
     name="prefect-server", local=lambda s: s.local_prefect, address=lambda s: s.prefect_api.removesuffix("/api"),
     health_url=lambda s: f"{s.prefect_api}/health", command=prefect_server.server_command, env=prefect_server.server_env,
-    auth=lambda s: _anonymous_refused(s.prefect_api, "POST", "/flows/filter"))
+    auth=lambda s: _anonymous_refused(s.prefect_api, "GET", "/admin/settings"))
 
 PREFECT_WORKER = Service(
     name="prefect-worker", local=lambda s: s.worker, address=lambda s: f"pool {s.work_pool}",
