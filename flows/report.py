@@ -31,10 +31,26 @@ def markdown(title: str, request_ids: list[str], model: str, version: int, repor
     for missing in report.get("not_computed", []):
         lines.append(f"| {missing} | not computed |")
     for concept, path in (report.get("grids") or {}).items():
-        lines += ["", f"## {concept}: base (left) | candidate (right)", f"local file: `{path}`"]
+        lines += ["", f"## {concept}: before (base) | after (candidate)"]
+        if (inline := inline_png(Path(path))) is not None:
+            lines.append(f"![{concept}: before and after, one prompt per row]({inline})")
+        lines.append(f"local file: `{path}`")
         if concept in links:
-            lines.append(f"![{concept}]({links[concept]})")
+            lines.append(f"[the grid on the MLflow run]({links[concept]})")
     return "\n".join(lines)
+
+
+INLINE_LIMIT = 1_000_000   # bytes of PNG shown inside the report; a bigger grid is linked only
+
+
+def inline_png(path: Path) -> str | None:
+    """The picture as a data: URI, so the report shows it where it is read (the Prefect UI cannot sign in to
+    MLflow to fetch a linked image)."""
+    import base64
+
+    if not path.is_file() or path.stat().st_size > INLINE_LIMIT:
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def artifact_key(request_ids: list[str], prefix: str = "takedown") -> str:

@@ -91,11 +91,16 @@ def build_report(base: toy_eval.Judged, cand: toy_eval.Judged, candidate_pipe, j
 
 def before_after_grid(base: toy_eval.Judged, cand: toy_eval.Judged, concept: str, out_dir: Path,
                       rows: int = 8) -> Path:
-    """Rows: prompts naming the concept; columns: base | candidate."""
+    """Rows: prompts naming the concept, each labelled with its prompt; columns "before" (the base) and "after"
+    (the candidate), with the judge's verdict on the concept under each candidate image's row label."""
     head, cls = toy_eval.concept_attribute(concept)
     idx = [i for i, t in enumerate(base.truth[head]) if t == cls]
     idx = idx[:: max(1, len(idx) // rows)][:rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{concept.lower().replace(' ', '-')}-before-after.png"
-    sample.grid([torch.stack([base.images[i], cand.images[i]]) for i in idx]).save(path)
+    still = lambda judged, i: judged.pred[head][i] == cls
+    labels = [f"{base.prompts[i]}  [after: {'still ' + concept if still(cand, i) else 'gone'}]" for i in idx]
+    sample.grid([torch.stack([base.images[i], cand.images[i]]) for i in idx], row_labels=labels,
+                col_labels=["before", "after"],
+                title=f"{concept}: before = base model, after = candidate (judge's verdict in brackets)").save(path)
     return path
