@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
 from esd import methods
-from esd.models import storage_dtype
+from esd.models import as_noise, prediction_type, storage_dtype
 
 MAX_CONCEPT_CHARS = 200
 # The paper's settings for Stable Diffusion 1.4 (ESD-x and ESD-u: 1000 iterations, lr 1e-5, eta 1.0).
@@ -291,7 +291,8 @@ def start_from(unet: torch.nn.Module, parent: delta_lib.Delta | None) -> tuple[s
 
 
 def finish_delta(unet: torch.nn.Module, cfg: EraseConfig, base_sha256: str, base_state: dict[str, torch.Tensor],
-                 dtype: torch.dtype, parent_manifest: dict | None, final_loss: float | None) -> delta_lib.Delta:
+                 dtype: torch.dtype, parent_manifest: dict | None, final_loss: float | None,
+                 prediction: str = "epsilon") -> delta_lib.Delta:
     """Round the UNet's tensors named in base_state to dtype, in place, and diff them against the base, with the
     manifest every method writes."""
     state = unet.state_dict()
@@ -308,6 +309,7 @@ def finish_delta(unet: torch.nn.Module, cfg: EraseConfig, base_sha256: str, base
         "anchor": cfg.anchor,
         "seed": cfg.seed,
         "dtype": str(dtype).removeprefix("torch."),
+        "prediction_type": prediction,
         "hyperparameters": cfg.used(),
         "final_loss": final_loss,
         "erasures": earlier + [this],
@@ -345,6 +347,9 @@ class Eraser:
         sched.set_timesteps(cfg.ddim_steps)
         self.timesteps = [int(t) for t in sched.timesteps]
         self.alphas = sched.alphas_cumprod.to(self.device, torch.float32)
+        # ESD's target (Eq. 7) and the DDIM step are written for noise predictions: a v-prediction UNet's outputs
+        # are converted to noise at x_t, the loss included, so one set of settings serves both kinds of model.
+        self.prediction = prediction_type(pipe)
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.latent_shape = (1, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
@@ -391,7 +396,8 @@ class Eraser:
         cond = torch.cat([emb_0, emb_c])
         with torch.no_grad(), self.autocast:
             for t, t_prev in zip(path, path[1:]):
-                eps_0, eps_c = self.unet(torch.cat([x, x]), t, cond).sample.float().chunk(2)
+                out = self.unet(torch.cat([x, x]), t, cond).sample.float()
+                eps_0, eps_c = as_noise(out, torch.cat([x, x]), self.alphas[t], self.prediction).chunk(2)
                 eps = eps_0 + self.cfg.guidance * (eps_c - eps_0)
                 x = ddim_step(x, eps, t, t_prev, self.alphas)
         return x
@@ -423,12 +429,13 @@ class Eraser:
                 eps_c = self.frozen(x, t, emb_c).sample
                 eps_a = [self.frozen(x, t, emb_a).sample[0]] if emb_a is not None else []
             eps_0, eps_c = eps_0[0], eps_c[0]
+        eps_0, eps_c, *eps_a = (as_noise(e, x[0], self.alphas[t], self.prediction) for e in [eps_0, eps_c, *eps_a])
         # Target: the frozen prediction guided away from the concept (Eq. 7)
         target = esd_target(eps_0, eps_c, cfg.eta, eps_a[0] if eps_a else None)
 
         # Prediction of the model being trained, for the concept, and the MSE step
         with self.autocast:
-            pred = self.unet(x, t, emb_c).sample.float()[0]
+            pred = as_noise(self.unet(x, t, emb_c).sample.float()[0], x[0], self.alphas[t], self.prediction)
         loss = F.mse_loss(pred, target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -454,7 +461,7 @@ class Eraser:
             self.unet.set_default_attn_processor()
             self.frozen = None
         return finish_delta(self.unet, self.cfg, self.base_sha256, self.base_state, self.storage_dtype,
-                            self.parent_manifest, losses[-1] if losses else None)
+                            self.parent_manifest, losses[-1] if losses else None, self.prediction)
 
 
 def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,

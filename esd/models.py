@@ -22,6 +22,9 @@ transformers_logging.disable_progress_bar()
 REQUIRED = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
             "scheduler/scheduler_config.json"]
 WEIGHTS = ["unet", "vae", "text_encoder"]
+# What the UNet predicts: the noise (SD 1.x, SD 2.x base) or the velocity v (SD 2.x 768-v); the engine converts
+# both to noise where its maths needs it.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class ModelError(ValueError):
@@ -39,6 +42,10 @@ def check_folder(path: str | Path) -> Path:
     for part in WEIGHTS:
         if not any((root / part).glob("*.safetensors")):
             raise ModelError(f"model folder {root} has no safetensors weights in {part}/")
+    prediction = json.loads((root / "scheduler/scheduler_config.json").read_text()).get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(f"model folder {root} predicts {prediction!r} (scheduler prediction_type); "
+                         f"supported: {', '.join(PREDICTION_TYPES)}")
     tok = root / "tokenizer"
     if not ((tok / "vocab.json").is_file() or (tok / "tokenizer.json").is_file()):
         raise ModelError(f"model folder {root} is missing tokenizer/vocab.json or tokenizer/tokenizer.json")
@@ -72,6 +79,22 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def prediction_type(pipe) -> str:
+    """What the pipeline's UNet predicts (refusing a type the engine does not handle)."""
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(f"the model predicts {prediction!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    return prediction
+
+
+def as_noise(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The UNet's output at x_t as a noise prediction: eps itself, or from v = sqrt(a) eps - sqrt(1 - a) x0,
+    eps = sqrt(a) v + sqrt(1 - a) x_t (a = alpha_bar at t)."""
+    if prediction == "epsilon":
+        return out
+    return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x
 
 
 def default_device() -> str:

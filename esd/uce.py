@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
 from esd import methods
+from esd.models import prediction_type
 from esd.erase import (EraseConfig, EraseError, delta_dtype, encode, finish_delta, model_defaults, normal_concept,
                        start_from)
 
@@ -246,4 +247,4 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
         for n, p in params.items():
             p.copy_((weights[n] @ m).to(dtype))
     return finish_delta(unet, cfg, base_sha256, base_state, dtype, parent.manifest if parent is not None else None,
-                        loss)
+                        loss, prediction_type(pipe))

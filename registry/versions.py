@@ -213,7 +213,9 @@ def import_base(store: Store, path: str | Path, name: str, description: str = ""
     base_sha256 = delta_lib.unet_sha256(unet)
     del unet
     files = _weight_files(folder)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     manifest = {"format": FORMAT, "kind": "base", "base": None, "unet_sha256": base_sha256,
+                "prediction_type": scheduler.get("prediction_type", "epsilon"),
                 "files": {rel: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for rel, p in files.items()}}
     unet_bytes = sum(m["bytes"] for rel, m in manifest["files"].items()
                      if rel.startswith("unet/") and rel.endswith(".safetensors"))

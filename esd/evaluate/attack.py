@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from esd import sample
 from esd.evaluate import toy as toy_eval
+from esd.models import prediction_type
 from esd.toy.judge import Judge
 
 DEFAULT_STEPS = 60
@@ -83,7 +84,9 @@ def recover(pipe, judge: Judge, base: toy_eval.Judged, concept: str, steps: int 
             t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(z.device)
             noisy = sched.add_noise(z, noise, t)
             pred = unet(noisy, t, _embed(pipe, [prompts[i] for i in pick.tolist()])).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            # what the UNet was trained to predict: the noise, or the velocity of a v-prediction model
+            target = sched.get_velocity(z, noise, t) if prediction_type(pipe) == "v_prediction" else noise
+            loss = F.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -114,3 +114,47 @@ def test_settings_given_as_a_mapping_are_checked_before_any_work(overrides, mess
     with pytest.raises(EraseError, match=message):
         EraseConfig.with_overrides(["Vela Moreau"], "uce", overrides)
     assert EraseConfig.with_overrides(["Vela Moreau"], "esd-x", {"iterations": 5}).iterations == 5
+
+
+def test_v_prediction_outputs_become_the_noise_they_imply():
+    from diffusers import DDIMScheduler
+
+    from esd.models import as_noise
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for t in (1, 500, 999):
+        ts = torch.tensor([t, t])
+        x_t = sched.add_noise(x0, noise, ts)
+        v = sched.get_velocity(x0, noise, ts)
+        assert torch.allclose(as_noise(v, x_t, sched.alphas_cumprod[t], "v_prediction"), noise, atol=1e-4)
+        assert torch.equal(as_noise(noise, x_t, sched.alphas_cumprod[t], "epsilon"), noise)
+
+
+def _with_prediction(folder, tmp_path, prediction: str):
+    import json
+    import shutil
+
+    out = tmp_path / prediction
+    shutil.copytree(folder, out)
+    path = out / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"prediction_type": prediction}))
+    return out
+
+
+def test_a_v_prediction_base_is_erased_in_noise_space_and_says_so(tiny_sd, tmp_path):
+    v_base = _with_prediction(tiny_sd, tmp_path, "v_prediction")
+    eps_delta = erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False)
+    v_delta = erase(load_pipeline(v_base), tiny_cfg(), progress=False)
+    assert eps_delta.manifest["prediction_type"] == "epsilon" and v_delta.manifest["prediction_type"] == "v_prediction"
+    # the same weights, read as predicting v, give other noise predictions: another erasure
+    assert v_delta.manifest["tensors_sha256"] != eps_delta.manifest["tensors_sha256"]
+    assert v_delta.manifest["final_loss"] is not None and v_delta.manifest["final_loss"] == v_delta.manifest["final_loss"]
+
+
+def test_other_prediction_types_are_refused_at_load(tiny_sd, tmp_path):
+    from esd.models import ModelError
+
+    with pytest.raises(ModelError, match="predicts 'sample'.*supported: epsilon, v_prediction"):
+        load_pipeline(_with_prediction(tiny_sd, tmp_path, "sample"))
