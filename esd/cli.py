@@ -98,6 +98,30 @@ def toy_build(out: Optional[Path] = typer.Option(None, help="output folder: base
     console.print(f"built in {info['seconds']:.0f}s: {out / 'base'} and {out / 'judge'}")
 
 
+class TinyArch(str, Enum):
+    sd15 = "sd15"
+    sd21_v = "sd21-v"
+
+
+@toy_app.command("tiny")
+@one_line_errors
+def toy_tiny(out: Path = typer.Option(..., help="output folder (must not exist)"),
+             arch: TinyArch = typer.Option(TinyArch.sd15, help="sd15 (epsilon) or sd21-v (SD 2.x layout, v prediction)"),
+             seed: int = typer.Option(0, help="seed of the random weights")):
+    """A tiny random SD folder of a real architecture, in seconds, the same for the same seed (for tests and
+    trying the engine: esd base import it, erase it)."""
+    from esd.toy import tiny
+
+    if out.exists():
+        raise typer.BadParameter(f"{out} already exists", param_hint="--out")
+    tiny.build(out, arch.value, seed)
+    from esd.delta import unet_sha256
+    from esd.models import load_pipeline
+
+    console.print(f"{arch.value} tiny base at {out}: UNet sha256 {unet_sha256(load_pipeline(out).unet)}",
+                  soft_wrap=True)
+
+
 @app.command("erase")
 @one_line_errors
 def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to erase, e.g. 'Vela Moreau'"),

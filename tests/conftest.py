@@ -128,39 +128,12 @@ def pg_stack(tmp_path_factory) -> Iterator[Settings]:
         yield settings
 
 
-def build_tiny_sd(folder: Path, seed: int = 0, dtype=None) -> Path:
-    """A tiny random Stable Diffusion 1.x-shaped diffusers folder (32x32 images), loadable by esd.models;
+def build_tiny_sd(folder: Path, seed: int = 0, dtype=None, arch: str = "sd15") -> Path:
+    """A tiny random Stable Diffusion folder (32x32 images) at folder/tiny-sd, loadable by esd.models (esd.toy.tiny);
     its weights stored in `dtype` (default float32)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from esd.toy import tiny
 
-    from esd.toy import vocab
-
-    torch.manual_seed(seed)
-    vocab.build(folder / "_vocab")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "_vocab", model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=32, sample_size=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    out = folder / "tiny-sd"
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return tiny.build(folder / "tiny-sd", arch, seed, dtype)
 
 
 @pytest.fixture(scope="session")

@@ -158,3 +158,16 @@ def test_other_prediction_types_are_refused_at_load(tiny_sd, tmp_path):
 
     with pytest.raises(ModelError, match="predicts 'sample'.*supported: epsilon, v_prediction"):
         load_pipeline(_with_prediction(tiny_sd, tmp_path, "sample"))
+
+
+def test_toy_tiny_builds_the_same_real_architecture_folder_for_the_same_seed(tmp_path):
+    from esd.models import load_pipeline as load
+
+    outs = [CliRunner().invoke(app, ["toy", "tiny", "--arch", "sd21-v", "--out", str(tmp_path / n)]) for n in "ab"]
+    assert all(o.exit_code == 0 for o in outs), outs[0].output
+    assert outs[0].output.split("sha256 ")[1] == outs[1].output.split("sha256 ")[1]
+    pipe = load(tmp_path / "a")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.use_linear_projection and list(pipe.unet.config.attention_head_dim) == [2, 4]
+    again = CliRunner().invoke(app, ["toy", "tiny", "--out", str(tmp_path / "a")])
+    assert again.exit_code == 2 and "exists" in again.output      # a usage error, nothing overwritten
