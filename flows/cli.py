@@ -137,7 +137,7 @@ def request_submit(concept: str = typer.Argument(..., help="the style, object or
 
 
 def submit(concept: str, kind: str, model: str, requester: str = "", method: str | None = None,
-           request_id: str | None = None) -> dict:
+           request_id: str | None = None, platform: Platform | None = None) -> dict:
     """Validate, file the record, start the takedown deployment with the request id as idempotency key."""
     from flows.requests import Request, RequestError
     from registry.store import RegistryError
@@ -147,7 +147,7 @@ def submit(concept: str, kind: str, model: str, requester: str = "", method: str
     if request_id is not None:
         req.request_id = request_id
     req.validate()
-    p = running_platform("all")
+    p = platform or running_platform("all")
     try:
         base_version(p.store, model)
     except RegistryError:
@@ -421,6 +421,7 @@ def build_app() -> typer.Typer:
     app.add_typer(engine.toy_app, name="toy", rich_help_panel=ENGINE)
     app.add_typer(engine.bench_app, name="bench", rich_help_panel=ENGINE)
     app.command("demo", rich_help_panel=PLATFORM)(demo)
+    app.command("api", rich_help_panel=PLATFORM)(api)
     app.add_typer(request_app(), name="request", rich_help_panel=PLATFORM)
     app.command("retrain", rich_help_panel=PLATFORM)(retrain_cmd)
     app.command("generate", rich_help_panel=PLATFORM)(generate_cmd)
@@ -430,6 +431,17 @@ def build_app() -> typer.Typer:
     app.add_typer(base, name="base", rich_help_panel=REGISTRY)
     app.add_typer(stack_app(up=deploy.up), name="stack", rich_help_panel=STACK)
     return app
+
+
+def api(host: str = typer.Option(None, help="bind address (default: ESD_HOST, 127.0.0.1)"),
+        port: int = typer.Option(None, help="port (default: ESD_API_PORT, 4212)")) -> None:
+    """Serve the HTTP API (/v1: file a takedown request, follow it; OpenAPI at /v1/openapi.json)."""
+    import uvicorn
+
+    from flows.api.app import create_app
+
+    s = Settings()
+    uvicorn.run(create_app(s), host=host or s.host, port=port or s.api_port, log_level="warning")
 
 
 def main() -> None:

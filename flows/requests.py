@@ -7,6 +7,8 @@ MLflow UI and `esd request list/show` answers from the same records.
 
 from __future__ import annotations
 
+import datetime
+import json
 import re
 import time
 import uuid
@@ -128,7 +130,7 @@ class Requests:
             self.client.delete_experiment(claim)
             # One call makes the whole record (its tags); the params only help browsing in the MLflow UI.
             run = self.client.create_run(self.experiment_id, run_name=f"{req.kind}: {req.concept}"[:250],
-                                         tags=req.tags())
+                                         tags=req.tags() | _event(req.status, None))
             try:
                 self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in
                                                                {"concept": req.concept, "kind": req.kind,
@@ -137,6 +139,12 @@ class Requests:
                 pass
             return self.get(req.request_id), True
         return existing, False
+
+    def history(self, request_id: str) -> list[dict]:
+        """The request's status changes, oldest first: {"status", "time" (ISO 8601, UTC), "reason"}."""
+        run = self.client.get_run(self.require(request_id).run_id)
+        events = [json.loads(v) for k, v in run.data.tags.items() if k.startswith(EVENT_PREFIX)]
+        return sorted(events, key=lambda e: e["time"])
 
     def get(self, request_id: str) -> Request | None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`esd.request_id` = '{_quote(request_id)}'",
@@ -176,6 +184,9 @@ class Requests:
         for k, v in fields.items():
             if v is not None:
                 self.client.set_tag(req.run_id, f"esd.{k}", str(v))
+        if status is not None and status != req.status:
+            for k, v in _event(status, fields.get("reason")).items():
+                self.client.set_tag(req.run_id, k, v)
         if status in FINAL:
             self.client.set_terminated(req.run_id, RunStatus.to_string(FINAL[status]))
         after = self.require(request_id)
@@ -238,6 +249,16 @@ class Requests:
     def active(self, model: str) -> list[Request]:
         """Every request a retrain of MODEL must erase, however many records there are."""
         return [r for status in ACTIVE for r in self.list(status, model, max_results=None)]
+
+
+EVENT_PREFIX = "esd.event."
+
+
+def _event(status: str, reason: str | None) -> dict[str, str]:
+    """One status change as a run tag of its own (tags are written whole: no read-modify-write race)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {f"{EVENT_PREFIX}{now.strftime('%Y%m%dT%H%M%S%f')}.{status}":
+            json.dumps({"status": status, "time": now.isoformat(), "reason": reason})}
 
 
 def _quote(value: str) -> str:

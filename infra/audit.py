@@ -26,7 +26,9 @@ from infra.settings import GENERATED, Settings
 PROBES = {"s3": ("GET", "/"), "mlflow": ("GET", "/api/2.0/mlflow/experiments/search?max_results=1"),
           "prefect-server": ("GET", "/api/admin/settings"), "weed-filer": ("GET", "/buckets/"),
           "weed-volume": ("GET", "/1,0100000000"), "weed-master": ("GET", "/dir/assign"),
-          "weed-admin": ("GET", "/metrics")}
+          "weed-admin": ("GET", "/metrics"),
+          # Filing a request is open to anyone by design (the opt-out form); reading one needs its status token.
+          "api": ("GET", "/v1/requests/probe")}
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
@@ -93,6 +95,8 @@ def _kind(s: Settings, service: str, port: int) -> str:
         return "mlflow"
     if service == "prefect-server" and port == s.prefect_port:
         return "prefect-server"
+    if service == "api" and port == s.api_port:
+        return "api"
     return "unknown"
 
 

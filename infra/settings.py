@@ -26,7 +26,7 @@ GENERATED = {
     "mlflow_admin_password": lambda: secrets.token_urlsafe(24),
     "mlflow_flask_secret": lambda: secrets.token_urlsafe(32),
     "prefect_auth_string": lambda: "esd:" + secrets.token_urlsafe(24),
-    "weed_jwt_key": lambda: secrets.token_urlsafe(32), "weed_filer_jwt_key": lambda: secrets.token_urlsafe(32),
+    "weed_jwt_key": lambda: secrets.token_urlsafe(32), "api_token_key": lambda: secrets.token_urlsafe(32), "weed_filer_jwt_key": lambda: secrets.token_urlsafe(32),
 }
 
 
@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     mlflow_password: SecretStr | None = None
     mlflow_auth_database_uri: str | None = Field(None, description="default sqlite:///<home>/mlflow-auth.db")
     prefect_auth_string: SecretStr | None = Field(None, description="user:password of the Prefect server's basic auth")
+
+    # The HTTP API (`esd api`, started by `esd stack up` where api is true)
+    api: bool = True
+    api_port: int = 4212
+    api_rate_per_hour: int = Field(20, ge=1, description="new requests per requester per hour")
 
     # Evaluation inside a takedown or retrain (the toy judge): DDIM steps per image, and whether the recovery
     # attack runs (about 30 s a concept on the toy; `esd bench quality` always runs it).
@@ -151,22 +156,26 @@ class Settings(BaseSettings):
 
     def generated(self, name: str) -> str:
         """A secret of the local stack (one of GENERATED), made with all the others on first use and kept in
-        <home>/credentials.json, created 0600 before anything is written to it."""
+        <home>/credentials.json, created 0600 before anything is written to it (a secret added to GENERATED
+        later joins an existing file the same way)."""
+        import fcntl
+
         path = self.home / "credentials.json"
-        if not path.exists():
-            ensure_home(self.home)
-            values = {k: make() for k, make in GENERATED.items()}
-            tmp = path.with_name(f".credentials.{os.getpid()}.{secrets.token_hex(4)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(values, f)
-            try:
-                os.link(tmp, path)      # the first writer wins; a concurrent one reads the winner's file
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        return json.loads(path.read_text())[name]
+        if path.exists() and name in (values := json.loads(path.read_text())):
+            return values[name]
+        ensure_home(self.home)
+        fd = os.open(self.home / ".credentials.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            values = json.loads(path.read_text()) if path.exists() else {}
+            if name not in values:
+                values |= {k: make() for k, make in GENERATED.items() if k not in values}
+                tmp = path.with_name(f".credentials.{os.getpid()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(values, f)
+                os.replace(tmp, path)
+        return values[name]
 
     def s3_keys(self) -> tuple[str, str] | None:
         """The platform's S3 keys (it writes): from settings, else (local S3 only) generated into home.

@@ -243,8 +243,22 @@ PREFECT_WORKER = Service(
     health_url=lambda s: "", health=prefect_server.worker_online, command=prefect_server.worker_command,
     env=prefect_server.worker_env, external=False)
 
-# Start order; stop is the reverse. The MLflow server needs S3 first; the worker needs the Prefect server.
-SERVICES: list[Service] = [SEAWEEDFS, MLFLOW, PREFECT_SERVER, PREFECT_WORKER]
+def _esd_command() -> str:
+    """The project's `esd` console script beside this interpreter (the API runs as `esd api`)."""
+    beside = Path(sys.executable).with_name("esd")
+    return str(beside) if beside.exists() else (shutil.which("esd") or "esd")
+
+
+API = Service(
+    name="api", local=lambda s: s.api, address=lambda s: f"http://{s.host}:{s.api_port}/v1",
+    health_url=lambda s: f"http://{s.host}:{s.api_port}/v1/health",
+    command=lambda s: [sys.executable, _esd_command(), "api", "--host", s.host, "--port", str(s.api_port)],
+    env=lambda s: s.to_env() | s.s3_env() | s.client_env(), external=False,
+    auth=lambda s: _anonymous_refused(f"http://{s.host}:{s.api_port}", "GET", "/v1/requests/probe"))
+
+# Start order; stop is the reverse. The MLflow server needs S3 first; the worker needs the Prefect server; the API
+# needs all of them.
+SERVICES: list[Service] = [SEAWEEDFS, MLFLOW, PREFECT_SERVER, PREFECT_WORKER, API]
 # The registry alone (versions, aliases, S3): what `esd model` and `esd base` need.
 REGISTRY = ("seaweedfs", "mlflow")
 

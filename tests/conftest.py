@@ -41,7 +41,8 @@ def free_ports(n: int) -> list[int]:
     chosen: list[int] = []
     while len(chosen) < n:
         p = random.randint(20000, 39999)
-        if p not in chosen and p + 10000 not in chosen and _port_free(p) and _port_free(p + 10000):
+        if (p not in chosen and p + 10000 not in chosen and p - 10000 not in chosen and _port_free(p)
+                and _port_free(p + 10000)):
             chosen.append(p)
     return chosen
 
@@ -68,10 +69,10 @@ def stack_settings(home: Path, backend_store_uri: str | None = None, generated: 
         fd = os.open(home / "credentials.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(values, f)
-    s3, master, volume, filer, admin, mlflow, prefect = free_ports(7)
+    s3, master, volume, filer, admin, mlflow, prefect, api = free_ports(8)
     return Settings(home=home, s3_port=s3, weed_master_port=master, weed_volume_port=volume, weed_filer_port=filer,
                     weed_admin_port=admin, mlflow_port=mlflow, mlflow_backend_store_uri=backend_store_uri,
-                    prefect_port=prefect, prefect_api_url=None, prefect_database_url=None,
+                    prefect_port=prefect, api_port=api, prefect_api_url=None, prefect_database_url=None,
                     s3_endpoint=None, mlflow_tracking_uri=None, s3_access_key=None, s3_secret_key=None)
 
 

@@ -110,4 +110,4 @@ def test_no_secret_in_logs_command_lines_mlflow_or_prefect_after_a_takedown(plat
 
     assert len(audit.secrets_of(platform.settings)) >= 6      # the scan looked for every secret of the stack
     status = CliRunner().invoke(APP, ["stack", "status"])
-    assert status.output.count("auth on") == 3, status.output
+    assert status.output.count("auth on") == 4, status.output      # S3, MLflow, Prefect, the API's status reads

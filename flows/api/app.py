@@ -1,0 +1,214 @@
+"""The HTTP API, version 1: file a takedown request, follow it.
+
+    POST /v1/requests          file a request (202): concept, kind, requester (name, contact), evidence;
+                               an Idempotency-Key header gives one request however often it is posted
+    GET  /v1/requests/{id}     its status, the history of its status changes, the version and the gate's
+                               verdict; only with the status token returned at submission
+    GET  /v1/health            whether the API answers
+    GET  /v1/openapi.json      this API's OpenAPI document
+
+It files and starts requests through the same function as `esd request submit` (flows.cli.submit). Contact
+details stay on the platform: kept under ESD_HOME (0600), never in MLflow tags, never in a response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from typing import Literal, Optional
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from infra.settings import Settings
+
+MAX_BODY = 64 * 1024
+ID_NAMESPACE = uuid.UUID("3c1f9f52-8d2e-4a55-9a43-6a2f3f0f6b11")
+PLAIN_WORDS = {"received": "received, waiting to start", "running": "erasing and evaluating",
+               "candidate": "evaluated, waiting for review", "promoted": "done: the model no longer produces it",
+               "held": "under review by an operator", "failed": "failed; an operator will look at it",
+               "withdrawn": "withdrawn"}
+
+
+class Requester(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100, description="who asks (a person or an agency)")
+    contact: str = Field(min_length=3, max_length=200, description="how to reach them; never shown again")
+
+    @field_validator("name", "contact")
+    @classmethod
+    def printable(cls, v: str) -> str:
+        if not v.strip() or any(not c.isprintable() for c in v):
+            raise ValueError("must be printable text")
+        return v.strip()
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    urls: list[str] = Field(default_factory=list, max_length=10)
+    text: str = Field("", max_length=5000)
+
+    @field_validator("urls")
+    @classmethod
+    def http_urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if len(u) > 500 or not u.startswith(("http://", "https://")):
+                raise ValueError("each URL must start with http:// or https:// and be at most 500 characters")
+        return v
+
+
+class NewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    concept: str = Field(min_length=1, max_length=100, description="the style, object or subject to remove")
+    kind: Literal["style", "object", "nudity", "custom"]
+    requester: Requester
+    evidence: Evidence = Field(default_factory=Evidence)
+    model: str = Field("toy-sd", max_length=100, description="registered base line")
+
+    @field_validator("concept")
+    @classmethod
+    def concept_ok(cls, v: str) -> str:
+        from esd.erase import EraseError, validate_concept
+
+        try:
+            return validate_concept(v)
+        except EraseError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class Accepted(BaseModel):
+    request_id: str
+    status_url: str
+    status_token: str
+
+
+class Event(BaseModel):
+    status: str
+    time: str
+    reason: Optional[str] = None
+
+
+class RequestStatus(BaseModel):
+    request_id: str
+    concept: str
+    kind: str
+    model: str
+    status: str
+    status_text: str
+    history: list[Event]
+    model_version: Optional[str] = None
+    gate: Optional[str] = None
+    reason: Optional[str] = None
+
+
+class RateLimit:
+    """At most `per_hour` new requests per requester name, in this process."""
+
+    def __init__(self, per_hour: int):
+        self.per_hour, self.seen, self.lock = per_hour, defaultdict(deque), threading.Lock()
+
+    def allow(self, who: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            q = self.seen[who.casefold()]
+            while q and now - q[0] > 3600:
+                q.popleft()
+            if len(q) >= self.per_hour:
+                return False
+            q.append(now)
+            return True
+
+
+def status_token(settings: Settings, request_id: str) -> str:
+    """The requester's key to one request's status: an HMAC of its id with a key generated into ESD_HOME."""
+    key = settings.generated("api_token_key").encode()
+    return hmac.new(key, request_id.encode(), hashlib.sha256).hexdigest()[:40]
+
+
+def _keep_contact(settings: Settings, request_id: str, requester: Requester, evidence: Evidence) -> None:
+    d = settings.home / "contacts"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = d / f"{request_id}.json"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"requester": requester.model_dump(), "evidence": evidence.model_dump(), "time": time.time()}, f)
+
+
+def create_app(settings: Settings | None = None, platform=None) -> FastAPI:
+    """The app; settings and the platform default to those of the environment (built on first use)."""
+    settings = settings or Settings()
+    app = FastAPI(title="esd-platform", version="1", openapi_url="/v1/openapi.json", docs_url="/v1/docs",
+                  redoc_url=None, description="Takedown requests: file one, follow it.")
+    limit = RateLimit(settings.api_rate_per_hour)
+    state = {"platform": platform}
+
+    def get_platform():
+        if state["platform"] is None:
+            from flows.platform import Platform
+
+            state["platform"] = Platform(settings)
+        return state["platform"]
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/v1/health", tags=["meta"])
+    def health() -> dict:
+        return {"ok": True}
+
+    @app.post("/v1/requests", status_code=202, response_model=Accepted, tags=["requests"],
+              responses={409: {"description": "the idempotency key is used by another request"},
+                         422: {"description": "a field is invalid (named in detail[].loc)"},
+                         429: {"description": "too many new requests from this requester"}})
+    def file_request(body: NewRequest, request: Request,
+                     idempotency_key: Optional[str] = Header(None, max_length=200)) -> Accepted:
+        from flows.cli import submit
+        from flows.requests import RequestError
+
+        p = get_platform()
+        if idempotency_key:
+            rid = "api-" + str(uuid.uuid5(ID_NAMESPACE, f"{body.requester.name}\n{idempotency_key}"))
+            existing = p.requests.get(rid)
+        else:
+            rid, existing = "api-" + str(uuid.uuid4()), None
+        if existing is None and not limit.allow(body.requester.name):
+            raise HTTPException(429, f"more than {limit.per_hour} new requests in an hour from this requester")
+        try:
+            _keep_contact(settings, rid, body.requester, body.evidence)
+            submit(body.concept, body.kind, body.model, requester=f"api:{body.requester.name}"[:200],
+                   request_id=rid, platform=p)
+        except RequestError as exc:
+            code = 409 if "already used" in str(exc) else 422
+            raise HTTPException(code, str(exc)) from None
+        url = str(request.url_for("request_status", request_id=rid))
+        return Accepted(request_id=rid, status_url=url, status_token=status_token(settings, rid))
+
+    @app.get("/v1/requests/{request_id}", response_model=RequestStatus, name="request_status", tags=["requests"],
+             responses={401: {"description": "no or a wrong status token"}, 404: {"description": "no such request"}})
+    def read_request(request_id: str, token: Optional[str] = None,
+                     authorization: Optional[str] = Header(None)) -> RequestStatus:
+        given = token or (authorization or "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(given, status_token(settings, request_id)):
+            raise HTTPException(401, "a request's status needs the status token returned when it was filed")
+        p = get_platform()
+        req = p.requests.get(request_id)
+        if req is None:
+            raise HTTPException(404, f"no request {request_id}")
+        return RequestStatus(request_id=req.request_id, concept=req.concept, kind=req.kind, model=req.model,
+                             status=req.status, status_text=PLAIN_WORDS.get(req.status, req.status),
+                             history=[Event(**e) for e in p.requests.history(request_id)],
+                             model_version=req.model_version, gate=req.gate, reason=req.reason)
+
+    return app
