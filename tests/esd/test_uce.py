@@ -9,8 +9,9 @@ from esd import uce
 from esd.erase import EraseConfig, EraseError, erase
 from esd.models import load_pipeline
 
-MANIFEST_KEYS = {"base_sha256", "method", "concepts", "anchor", "seed", "dtype", "hyperparameters", "final_loss",
-                 "erasures", "all_concepts", "format", "parameters", "bytes", "tensors_sha256", "library_versions"}
+MANIFEST_KEYS = {"base_sha256", "method", "concepts", "anchor", "seed", "dtype", "prediction_type", "hyperparameters",
+                 "final_loss", "erasures", "all_concepts", "format", "parameters", "bytes", "tensors_sha256",
+                 "library_versions"}
 
 
 def kv(name: str) -> bool:
