@@ -92,8 +92,8 @@ def _weed_prepare(s: Settings) -> None:
          "actions": [f"Read:{s.s3_bucket}", f"List:{s.s3_bucket}"]}]}
     _private(_weed_dir(s) / "s3.json", json.dumps(config))
     # weed reads ./security.toml from its working directory (the stack runs it in _weed_dir). JWTs sign every
-    # filer and volume request, mutual TLS guards every gRPC port, and the guard's white list names no address,
-    # so the master's HTTP API (which hands out write locations) answers nobody.
+    # filer and volume request and mutual TLS guards every gRPC port. The master's HTTP API stays open: the guard's
+    # IP white list, SeaweedFS's only control there, also gates the volume servers' gRPC (README, Security).
     ca, cert, key = _weed_tls(s)
     jwt, filer_jwt = s.generated("weed_jwt_key"), s.generated("weed_filer_jwt_key")
     grpc = "".join(f'[grpc.{part}]\ncert = "{cert}"\nkey = "{key}"\nclient_cert = "{cert}"\nclient_key = "{key}"\n'
@@ -109,7 +109,6 @@ def _weed_prepare(s: Settings) -> None:
 
 
 WEED_TLS_NAME = "esd-seaweedfs"
-WEED_NOBODY = "192.0.2.1"   # TEST-NET-1 (RFC 5737): no client ever comes from there
 
 
 def _weed_tls(s: Settings) -> tuple[Path, Path, Path]:
