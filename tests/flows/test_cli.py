@@ -70,10 +70,10 @@ def test_bad_input_is_one_line(args, message):
 def test_json_output_is_valid_with_nothing_running(tmp_path):
     s = stack_settings(tmp_path)
     env = {k: v for k, v in s.to_env().items() if k.startswith(("ESD_HOME", "ESD_S3_PORT", "ESD_MLFLOW_PORT",
-                                                                 "ESD_PREFECT_PORT", "ESD_WORKER_HEALTH_PORT"))}
+                                                                 "ESD_PREFECT_PORT", "ESD_API_PORT"))}
     r = run(["stack", "status", "--json"], env)
     assert r.returncode == 1
     rows = json.loads(r.stdout)
-    assert {row["name"] for row in rows} == {"seaweedfs", "mlflow", "prefect-server", "prefect-worker"}
-    assert not any(row["up"] for row in rows)
+    assert {row["name"] for row in rows} == {"seaweedfs", "mlflow", "prefect-server", "prefect-worker", "api"}
+    assert not any(row["up"] for row in rows) and all(row["auth"] is None for row in rows)
 
