@@ -71,9 +71,9 @@ def test_nobody_moves_production_without_mlflow_credentials(platform):
 def test_a_flow_run_cannot_choose_the_workers_command_or_environment(platform):
     from prefect.client.orchestration import get_client
 
-    from flows.deploy import locked_job_template
+    from flows.deploy import locked_job_template, prefect_api
 
-    with get_client(sync_client=True) as client:
+    with prefect_api(platform.settings.prefect_api), get_client(sync_client=True) as client:
         pool = client.read_work_pool(platform.settings.work_pool)
         assert pool.base_job_template == locked_job_template(pool.base_job_template)
         assert not {"command", "env", "working_dir"} & set(pool.base_job_template["variables"]["properties"])
