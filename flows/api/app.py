@@ -186,12 +186,12 @@ def create_app(settings: Settings | None = None, platform=None) -> FastAPI:
         if existing is None and not limit.allow(body.requester.name):
             raise HTTPException(429, f"more than {limit.per_hour} new requests in an hour from this requester")
         try:
-            _keep_contact(settings, rid, body.requester, body.evidence)
             submit(body.concept, body.kind, body.model, requester=f"api:{body.requester.name}"[:200],
                    request_id=rid, platform=p)
         except RequestError as exc:
             code = 409 if "already used" in str(exc) else 422
             raise HTTPException(code, str(exc)) from None
+        _keep_contact(settings, rid, body.requester, body.evidence)     # only for a request that was filed
         url = str(request.url_for("request_status", request_id=rid))
         return Accepted(request_id=rid, status_url=url, status_token=status_token(settings, rid))
 

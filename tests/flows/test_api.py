@@ -80,7 +80,9 @@ def test_a_request_posted_twice_is_one_request_that_reaches_a_final_state(api, p
     ({"evidence": {"urls": ["https://a"] * 11}}, "urls"), ({"surprise": 1}, "surprise"),
     ({"model": "no such model!"}, None)])
 def test_an_invalid_body_is_refused_naming_the_field_and_files_nothing(api, platform, line, change, field):
-    before = len(platform.requests.list(model=line, max_results=None))
+    contacts = platform.settings.home / "contacts"
+    kept = lambda: sorted(contacts.glob("*.json")) if contacts.exists() else []
+    before, before_contacts = len(platform.requests.list(model=line, max_results=None)), kept()
     data = {k: v for k, v in (body(line) | change).items() if v is not None}
     r = api.post("/v1/requests", json=data)
     assert r.status_code == 422, r.text
@@ -88,7 +90,7 @@ def test_an_invalid_body_is_refused_naming_the_field_and_files_nothing(api, plat
         assert any(field in [str(x) for x in d["loc"]] for d in r.json()["detail"]), r.json()
     else:
         assert "model" in r.json()["detail"]
-    assert len(platform.requests.list(model=line, max_results=None)) == before
+    assert len(platform.requests.list(model=line, max_results=None)) == before and kept() == before_contacts
 
 
 def test_size_limits_tokens_and_unknown_requests(api, full_stack):
