@@ -14,8 +14,6 @@ import os
 import socket
 import ssl
 import stat
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,17 +99,7 @@ def _kind(s: Settings, service: str, port: int) -> str:
 
 
 def _http(s: Settings, port: int, method: str, path: str) -> tuple[bool, str]:
-    req = urllib.request.Request(f"http://{s.host}:{port}{path}", method=method,
-                                 data=b"{}" if method == "POST" else None,
-                                 headers={"Content-Type": "application/json"})
-    what = f"an anonymous {method} {path.split('?')[0]}"
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return False, f"HTTP {r.status} to {what}"
-    except urllib.error.HTTPError as e:
-        return e.code in (401, 403), f"HTTP {e.code} to {what}"
-    except (urllib.error.URLError, OSError) as e:
-        return True, f"connection refused or closed ({e})"
+    return stack.anonymous_request(f"http://{s.host}:{port}", method, path)
 
 
 def _grpc(s: Settings, port: int) -> tuple[bool, str]:

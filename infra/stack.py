@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,17 +324,22 @@ def running_pid(s: Settings, name: str) -> int | None:
     return pid
 
 
-def _anonymous_refused(base: str, method: str, path: str) -> bool:
-    """Whether an HTTP data request without credentials is refused (401/403)."""
+def anonymous_request(base: str, method: str, path: str) -> tuple[bool, str]:
+    """An HTTP data request without credentials: (whether it was refused: 401/403 or no connection, what happened)."""
     req = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST" else None,
                                  headers={"Content-Type": "application/json"})
+    what = f"an anonymous {method} {urllib.parse.urlsplit(base + path).path}"
     try:
-        with urllib.request.urlopen(req, timeout=5):
-            return False
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return False, f"HTTP {r.status} to {what}"
     except urllib.error.HTTPError as e:
-        return e.code in (401, 403)
-    except (urllib.error.URLError, OSError):
-        return True
+        return e.code in (401, 403), f"HTTP {e.code} to {what}"
+    except (urllib.error.URLError, OSError) as e:
+        return True, f"connection refused or closed ({e})"
+
+
+def _anonymous_refused(base: str, method: str, path: str) -> bool:
+    return anonymous_request(base, method, path)[0]
 
 
 def healthy(url: str, timeout: float = 3) -> bool:
