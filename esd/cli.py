@@ -101,12 +101,13 @@ def toy_build(out: Optional[Path] = typer.Option(None, help="output folder: base
 class TinyArch(str, Enum):
     sd15 = "sd15"
     sd21_v = "sd21-v"
+    sdxl = "sdxl"
 
 
 @toy_app.command("tiny")
 @one_line_errors
 def toy_tiny(out: Path = typer.Option(..., help="output folder (must not exist)"),
-             arch: TinyArch = typer.Option(TinyArch.sd15, help="sd15 (epsilon) or sd21-v (SD 2.x layout, v prediction)"),
+             arch: TinyArch = typer.Option(TinyArch.sd15, help="sd15 (epsilon), sd21-v (SD 2.x layout, v prediction) or sdxl (two text encoders)"),
              seed: int = typer.Option(0, help="seed of the random weights")):
     """A tiny random SD folder of a real architecture, in seconds, the same for the same seed (for tests and
     trying the engine: esd base import it, erase it)."""

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
 from esd import methods
-from esd.models import as_noise, prediction_type, storage_dtype
+from esd.models import Cond, as_noise, conditioning, prediction_type, storage_dtype
 
 MAX_CONCEPT_CHARS = 200
 # The paper's settings for Stable Diffusion 1.4 (ESD-x and ESD-u: 1000 iterations, lr 1e-5, eta 1.0).
@@ -248,8 +248,8 @@ def model_defaults(pipe) -> dict:
 
 @torch.no_grad()
 def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings (N, 77, D) from the pipeline's own tokenizer and text encoder."""
-    return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]
+    """Token embeddings (N, 77, D) the UNet's cross-attention reads (SDXL: both text encoders' side by side)."""
+    return conditioning(pipe, prompts).hidden
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas: torch.Tensor) -> torch.Tensor:
@@ -374,29 +374,29 @@ class Eraser:
                 self.unet.enable_gradient_checkpointing()
         self.opt = torch.optim.Adam(self.params.values(), lr=cfg.lr)
 
-    def _embeddings(self) -> dict[str, torch.Tensor]:
+    def _embeddings(self) -> dict[str, Cond]:
         prompts = [""] + self.cfg.concepts + ([self.cfg.anchor] if self.cfg.anchor else [])
-        embs = encode(self.pipe, prompts)
-        return dict(zip(prompts, embs.unsqueeze(1)))
+        cond = conditioning(self.pipe, prompts)
+        return {p: cond[i] for i, p in enumerate(prompts)}
 
-    def _frozen_eps(self, x: torch.Tensor, t: int, embs: torch.Tensor) -> torch.Tensor:
-        """The frozen model's noise predictions for each embedding, batched, without a second UNet."""
+    def _frozen_eps(self, x: torch.Tensor, t: int, embs: Cond) -> torch.Tensor:
+        """The frozen model's noise predictions for each conditioning, batched, without a second UNet."""
         with torch.no_grad(), self.autocast:
             n = len(embs)
-            out = functional_call(self.unet, self.original, (x.expand(n, -1, -1, -1), t, embs)).sample
+            out = functional_call(self.unet, self.original, (x.expand(n, -1, -1, -1), t), embs.kwargs()).sample
         return out.float()
 
-    def _sample_x_t(self, emb_c: torch.Tensor, emb_0: torch.Tensor, stop: int) -> torch.Tensor:
+    def _sample_x_t(self, emb_c: Cond, emb_0: Cond, stop: int) -> torch.Tensor:
         """x_t: guided DDIM with the model being trained, from noise down to timesteps[stop]."""
         x = torch.randn(self.latent_shape, generator=self.gen).to(self.device)
         path = self.timesteps[: stop + 1]
         if self.cfg.sample_steps is not None and stop > self.cfg.sample_steps:
             idx = torch.linspace(0, stop, self.cfg.sample_steps + 1).round().long().tolist()
             path = [self.timesteps[i] for i in idx]
-        cond = torch.cat([emb_0, emb_c])
+        cond = Cond.cat([emb_0, emb_c])
         with torch.no_grad(), self.autocast:
             for t, t_prev in zip(path, path[1:]):
-                out = self.unet(torch.cat([x, x]), t, cond).sample.float()
+                out = self.unet(torch.cat([x, x]), t, **cond.kwargs()).sample.float()
                 eps_0, eps_c = as_noise(out, torch.cat([x, x]), self.alphas[t], self.prediction).chunk(2)
                 eps = eps_0 + self.cfg.guidance * (eps_c - eps_0)
                 x = ddim_step(x, eps, t, t_prev, self.alphas)
@@ -413,21 +413,22 @@ class Eraser:
             emb_c, emb_0 = self.embeddings[concept], self.embeddings[""]
             emb_a = self.embeddings[cfg.anchor] if cfg.anchor else None
         else:
-            emb_0, emb_c, *rest = encode(self.pipe, ["", concept] + ([cfg.anchor] if cfg.anchor else [])).unsqueeze(1)
-            emb_a = rest[0] if rest else None
+            cond = conditioning(self.pipe, ["", concept] + ([cfg.anchor] if cfg.anchor else []))
+            emb_0, emb_c = cond[0], cond[1]
+            emb_a = cond[2] if cfg.anchor else None
 
         # Sample x_t with the model being trained, guided by the concept
         x = self._sample_x_t(emb_c, emb_0, stop)
 
         # Frozen model: unconditional (or anchor) and conditional noise predictions
         if self.frozen is None:
-            embs = torch.cat([emb_0, emb_c] + ([emb_a] if emb_a is not None else []))
+            embs = Cond.cat([emb_0, emb_c] + ([emb_a] if emb_a is not None else []))
             eps_0, eps_c, *eps_a = self._frozen_eps(x, t, embs)
         else:
             with torch.no_grad():
-                eps_0 = self.frozen(x, t, emb_0).sample
-                eps_c = self.frozen(x, t, emb_c).sample
-                eps_a = [self.frozen(x, t, emb_a).sample[0]] if emb_a is not None else []
+                eps_0 = self.frozen(x, t, **emb_0.kwargs()).sample
+                eps_c = self.frozen(x, t, **emb_c.kwargs()).sample
+                eps_a = [self.frozen(x, t, **emb_a.kwargs()).sample[0]] if emb_a is not None else []
             eps_0, eps_c = eps_0[0], eps_c[0]
         eps_0, eps_c, *eps_a = (as_noise(e, x[0], self.alphas[t], self.prediction) for e in [eps_0, eps_c, *eps_a])
         # Target: the frozen prediction guided away from the concept (Eq. 7)
@@ -435,7 +436,7 @@ class Eraser:
 
         # Prediction of the model being trained, for the concept, and the MSE step
         with self.autocast:
-            pred = as_noise(self.unet(x, t, emb_c).sample.float()[0], x[0], self.alphas[t], self.prediction)
+            pred = as_noise(self.unet(x, t, **emb_c.kwargs()).sample.float()[0], x[0], self.alphas[t], self.prediction)
         loss = F.mse_loss(pred, target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

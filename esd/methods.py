@@ -28,6 +28,12 @@ def _xattn(n: str) -> bool:
     return ".attn2." in n
 
 
+def _unconditioned(n: str) -> bool:
+    """ESD-u's parameters: none that reads the text (cross-attention; SDXL's added embedding of the pooled text and
+    size ids, which acts like cross-attention) and not the time embedding."""
+    return not _xattn(n) and not n.startswith(("time_embedding.", "add_embedding."))
+
+
 def _xattn_kv(n: str) -> bool:
     return ".attn2.to_k." in n or ".attn2.to_v." in n
 
@@ -41,7 +47,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            benchmarked=True),
     Method("esd-x-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)", _xattn_kv),
     Method("esd-u", "everything but cross-attention and the time embedding: global erasure; for objects, nudity",
-           lambda n: not _xattn(n) and not n.startswith("time_embedding."), benchmarked=True),
+           _unconditioned, benchmarked=True),
     Method("esd-all", "every UNet parameter", lambda n: True),
     Method("selfattn", "self-attention (attn1)", lambda n: ".attn1." in n),
     Method("uce", "closed form: cross-attention key/value weights map the concept onto a guide (UCE)",
