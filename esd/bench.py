@@ -177,41 +177,70 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log) -
 
 # ---- speed: reference vs fast ESD loop ----------------------------------------------------------------------
 
-SPEED_CONFIGS = ("toy", "mid", "sd15")
+SPEED_CONFIGS = ("toy", "mid", "sd15", "sdxl")
 SPEED_METHODS = ("esd-x", "esd-u")
-# SD 1.x-shaped UNets with random weights (speed does not depend on weights): `mid` at a quarter of the width and
-# half the latent size, `sd15` at Stable Diffusion 1.5's size (860M parameters, 64x64 latents).
-UNET_SIZES = {"mid": {"sample_size": 32, "block_out_channels": (128, 256, 512, 512)},
-              "sd15": {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280)}}
-DEFAULT_ITERATIONS = {"toy": 8, "mid": 4, "sd15": 4}
+# UNets of real shapes with random weights (speed does not depend on weights): SD 1.x-shaped `mid` at a quarter of
+# the width and half the latent size, `sd15` at Stable Diffusion 1.5's size (860M parameters, 64x64 latents), and
+# `sdxl` at SDXL base 1.0's (2.6B parameters, 128x128 latents, 2048-wide text tokens, pooled text and size ids).
+SD1_UNET = {"layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}
+UNET_SIZES = {
+    "mid": SD1_UNET | {"sample_size": 32, "block_out_channels": (128, 256, 512, 512)},
+    "sd15": SD1_UNET | {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280)},
+    "sdxl": {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+             "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
+             "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 1280 + 6 * 256},
+}
+DEFAULT_ITERATIONS = {"toy": 8, "mid": 4, "sd15": 4, "sdxl": 4}
 
 
-def speed_pipe(config: str):
-    """The toy base, or an SD 1.x-shaped UNet of UNET_SIZES[config] with random weights."""
-    if config == "toy":
-        return load_pipeline(BASE_DIR)
+def speed_unet(config: str, device: str = "cpu"):
+    """The UNet of a speed config, random weights, made on `device` ("meta": shapes only, for counting)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
     if config not in UNET_SIZES:
         raise ValueError(f"unknown speed config {config!r}; choose from: {', '.join(SPEED_CONFIGS)}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return UNet2DConditionModel(in_channels=4, out_channels=4, **UNET_SIZES[config])
+
+
+def speed_pipe(config: str, device: str = "cpu"):
+    """The toy base, or a pipeline around speed_unet(config) on `device`: the toy's VAE and tokenizer, one-layer
+    text encoders of the real widths (only their token embeddings and pooled output reach the UNet loop)."""
+    if config == "toy":
+        return load_pipeline(BASE_DIR, device=device)
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from esd.toy.build import SCHEDULE
 
-    toy = load_pipeline(BASE_DIR)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **UNET_SIZES[config])
-    # A one-layer text encoder: only its 77x768 embeddings matter to the UNet loop.
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(toy.tokenizer), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=toy.tokenizer.bos_token_id, eos_token_id=toy.tokenizer.eos_token_id,
-                                        pad_token_id=toy.tokenizer.pad_token_id))
-    pipe = StableDiffusionPipeline(vae=toy.vae, text_encoder=text, tokenizer=toy.tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULE), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    toy = load_pipeline(BASE_DIR, device=device)
+    unet = speed_unet(config, device)
+    tok = toy.tokenizer
+
+    def text(width: int, cls=CLIPTextModel, **kw):
+        with torch.device(device):
+            return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width,
+                                      num_hidden_layers=1, num_attention_heads=width // 64, max_position_embeddings=77,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, **kw))
+
+    if config == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=toy.vae, text_encoder=text(768),
+                                         text_encoder_2=text(1280, CLIPTextModelWithProjection, projection_dim=1280),
+                                         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=DDIMScheduler(**SCHEDULE),
+                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=toy.vae, text_encoder=text(768), tokenizer=tok, unet=unet,
+                                       scheduler=DDIMScheduler(**SCHEDULE), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -233,7 +262,7 @@ def speed_run(config: str, method: str, mode: str, iterations: int, seed: int = 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline = _rss_bytes()
-    pipe = speed_pipe(config).to(device)
+    pipe = speed_pipe(config, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     eraser = Eraser(pipe, EraseConfig(["Vela Moreau"], method=method, mode=mode, iterations=iterations + 1, seed=seed,
@@ -266,7 +295,7 @@ def speed(configs=("toy", "mid"), methods=SPEED_METHODS, iterations: dict | None
     iterations = DEFAULT_ITERATIONS | (iterations or {})
     runs, checkpoint_bytes = [], {}
     for config in configs:
-        unet = speed_pipe(config).unet
+        unet = speed_pipe(config).unet if config == "toy" else speed_unet(config, "meta")
         checkpoint_bytes[config] = {m: methods_lib.count(unet, m) * 4 for m in methods_lib.METHODS}
         checkpoint_bytes[config]["full_unet"] = sum(p.numel() for p in unet.parameters()) * 4
         del unet

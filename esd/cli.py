@@ -242,8 +242,9 @@ def bench_speed(as_json: bool = typer.Option(False, "--json", help="print one JS
                 toy_iterations: int = typer.Option(8, min=1, help="timed iterations on the toy UNet"),
                 mid_iterations: int = typer.Option(4, min=1, help="timed iterations on the mid-size UNet"),
                 sd15_iterations: int = typer.Option(4, min=1, help="timed iterations on the SD 1.5-size UNet"),
-                configs: str = typer.Option("toy,mid", help="comma-separated UNet sizes: toy, mid, sd15 (SD 1.5's "
-                                                            "size, for a GPU)"),
+                sdxl_iterations: int = typer.Option(4, min=1, help="timed iterations on the SDXL-size UNet"),
+                configs: str = typer.Option("toy,mid", help="comma-separated UNet sizes: toy, mid, sd15, sdxl (SD 1.5's "
+                                                            "and SDXL's sizes, for a GPU)"),
                 erasure: bool = typer.Option(True, help="also erase in both modes (toy)"),
                 sample_steps: Optional[int] = typer.Option(None, min=1, help="fast mode's DDIM jumps to x_t (default: "
                                                                              "the base's, else FAST_SAMPLE_STEPS)"),
@@ -256,7 +257,8 @@ def bench_speed(as_json: bool = typer.Option(False, "--json", help="print one JS
     if unknown or not chosen:
         fail(f"unknown config {unknown[0] if unknown else configs!r}; choose from: {', '.join(SPEED_CONFIGS)}")
     result = speed(configs=chosen,
-                   iterations={"toy": toy_iterations, "mid": mid_iterations, "sd15": sd15_iterations},
+                   iterations={"toy": toy_iterations, "mid": mid_iterations, "sd15": sd15_iterations,
+                               "sdxl": sdxl_iterations},
                    log=(lambda *a: None) if as_json else console.print, erasure_check=erasure,
                    sample_steps=sample_steps, erasure_seeds=erasure_seeds)
     if as_json:

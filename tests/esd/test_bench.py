@@ -26,3 +26,22 @@ def test_quality_runs_pair_default_with_each_kind_and_refuse_unknown_names():
         quality_runs(["no-such"], ["circle"])
     with pytest.raises(ValueError, match="no artist or shape"):
         quality_concepts(["circle", "red"])
+
+
+def test_speed_configs_have_the_real_models_sizes():
+    from esd.bench import speed_unet
+
+    # parameter counts of Stable Diffusion 1.5's and SDXL base 1.0's UNets
+    assert sum(p.numel() for p in speed_unet("sd15", "meta").parameters()) == 859_520_964
+    assert sum(p.numel() for p in speed_unet("sdxl", "meta").parameters()) == 2_567_463_684
+
+
+def test_speed_run_measures_the_sdxl_shaped_loop(monkeypatch):
+    from esd import bench
+
+    small = bench.UNET_SIZES["sdxl"] | {"sample_size": 8, "block_out_channels": (32, 64, 64),
+                                        "transformer_layers_per_block": (1, 1, 1), "attention_head_dim": (2, 2, 2)}
+    monkeypatch.setitem(bench.UNET_SIZES, "sdxl", small)
+    for mode in ("reference", "fast"):
+        run = speed_run("sdxl", "esd-x", mode, iterations=1)
+        assert run["s_per_it"] > 0 and run["peak_bytes"] > 0 and run["config"] == "sdxl"
