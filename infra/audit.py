@@ -21,12 +21,15 @@ from infra import stack
 from infra.settings import GENERATED, Settings
 
 # An anonymous data request per known port: (method, path)
-PROBES = {"s3": ("GET", "/"), "mlflow": ("GET", "/api/2.0/mlflow/experiments/search?max_results=1"),
-          "prefect-server": ("GET", "/api/admin/settings"), "weed-filer": ("GET", "/buckets/"),
-          "weed-volume": ("GET", "/1,0100000000"), "weed-master": ("GET", "/dir/assign"),
-          "weed-admin": ("GET", "/metrics"),
+# Anonymous requests per server: each must be refused (401/403, no connection) or find nothing served (404: the
+# HTTP API is switched off, as SeaweedFS's master and filer run with -disableHttp).
+PROBES = {"s3": [("GET", "/")], "mlflow": [("GET", "/api/2.0/mlflow/experiments/search?max_results=1")],
+          "prefect-server": [("GET", "/api/admin/settings")], "weed-filer": [("GET", "/buckets/"), ("GET", "/")],
+          "weed-volume": [("GET", "/1,0100000000")],
+          "weed-master": [("GET", "/dir/assign"), ("GET", "/vol/grow"), ("GET", "/cluster/status"), ("GET", "/")],
+          "weed-admin": [("GET", "/metrics"), ("GET", "/")],
           # Filing a request is open to anyone by design (the opt-out form); reading one needs its status token.
-          "api": ("GET", "/v1/requests/probe")}
+          "api": [("GET", "/v1/requests/probe")]}
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
@@ -133,8 +136,10 @@ def probe(s: Settings, service: str, port: int) -> SocketFinding:
     if kind == "grpc":
         refused, how = _grpc(s, port)
     else:
-        method, path = PROBES.get(kind, ("GET", "/"))
-        refused, how = _http(s, port, method, path)
+        results = [_http(s, port, method, path) for method, path in PROBES.get(kind, [("GET", "/")])]
+        answered = [how for refused, how in results if not refused and not how.startswith("HTTP 404 ")]
+        refused = not answered
+        how = "; ".join(answered) if answered else "; ".join(how for _, how in results)
     return SocketFinding(kind if kind != "unknown" else service, port, refused, how)
 
 

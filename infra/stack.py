@@ -93,8 +93,8 @@ def _weed_prepare(s: Settings) -> None:
          "actions": [f"Read:{s.s3_bucket}", f"List:{s.s3_bucket}"]}]}
     _private(_weed_dir(s) / "s3.json", json.dumps(config))
     # weed reads ./security.toml from its working directory (the stack runs it in _weed_dir). JWTs sign every
-    # filer and volume request and mutual TLS guards every gRPC port. The master's HTTP API stays open: the guard's
-    # IP white list, SeaweedFS's only control there, also gates the volume servers' gRPC (README, Security).
+    # filer and volume request and mutual TLS guards every gRPC port. The master's status page stays open: the
+    # guard's IP white list, SeaweedFS's only control there, also gates the volume servers' gRPC (README, Security).
     ca, cert, key = _weed_tls(s)
     jwt, filer_jwt = s.generated("weed_jwt_key"), s.generated("weed_filer_jwt_key")
     grpc = "".join(f'[grpc.{part}]\ncert = "{cert}"\nkey = "{key}"\nclient_cert = "{cert}"\nclient_key = "{key}"\n'
@@ -162,8 +162,9 @@ def _private(path: Path, text: str) -> None:
 
 def _weed_command(s: Settings) -> list[str]:
     d = _weed_dir(s)
-    # Only the S3 gateway and the parts it needs; WebDAV, admin UI and table catalogs stay off.
-    return [weed_binary(), "mini", f"-dir={d / 'data'}", f"-ip={s.host}", f"-ip.bind={s.host}",
+    # Only the S3 gateway and the parts it needs; WebDAV, admin UI and table catalogs stay off, and the master and
+    # filer serve gRPC only (-disableHttp): no anonymous /dir/assign or directory listing.
+    return [weed_binary(), "mini", f"-dir={d / 'data'}", f"-ip={s.host}", f"-ip.bind={s.host}", "-disableHttp",
             "-master.telemetry=false", f"-s3.config={d / 's3.json'}", "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={s.s3_port}", f"-master.port={s.weed_master_port}",
             f"-volume.port={s.weed_volume_port}", f"-filer.port={s.weed_filer_port}",

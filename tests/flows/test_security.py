@@ -14,8 +14,8 @@ from flows.cli import build_app
 from tests.conftest import environ, platform_env
 
 APP = build_app()
-# SeaweedFS's master HTTP API and the admin server's metrics have no authentication of their own in `weed mini`
-# (see README, Security); every other socket must refuse.
+# SeaweedFS's master status page and the admin server's metrics have no authentication of their own in `weed mini`
+# (see README, Security); every other socket must refuse, and those two must not hand out write access.
 OPEN_IN_WEED_MINI = {"weed-master", "weed-admin"}
 
 
@@ -29,7 +29,7 @@ def platform(full_stack):
 
 
 def test_every_socket_the_stack_opened_refuses_an_anonymous_request(full_stack):
-    from infra import audit
+    from infra import audit, stack
 
     found = {(f.server, f.port): f for f in (audit.probe(full_stack, *sp) for sp in audit.listening(full_stack))}
     s = full_stack
@@ -42,6 +42,10 @@ def test_every_socket_the_stack_opened_refuses_an_anonymous_request(full_stack):
                       if not f.anonymous_refused and f.server not in OPEN_IN_WEED_MINI)
     assert not answered
     assert sum(f.server == "grpc" for f in found.values()) >= 5
+    # the master's HTTP API is off: no file id and write token, no volume growth for an anonymous caller
+    for path in ("/dir/assign", "/vol/grow"):
+        refused, how = stack.anonymous_request(f"http://{s.host}:{s.weed_master_port}", "GET", path)
+        assert how.startswith("HTTP 404 ") or refused, how
 
 
 def test_the_same_requests_with_credentials_succeed(full_stack):
