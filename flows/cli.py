@@ -20,7 +20,8 @@ from typer.exceptions import TyperException
 
 from flows.platform import Platform
 from infra.errors import errors_as_one_line, fail
-from infra.settings import Settings, actor as actor_name
+from infra import users
+from infra.settings import Settings
 
 # Lines are not broken at the terminal's width: ids and URLs stay whole, to copy.
 console = Console(soft_wrap=True)
@@ -54,7 +55,7 @@ def platform_errors() -> tuple[type[BaseException], ...]:
     from infra.stack import StackError
     from registry.cli import registry_errors
 
-    return (RequestError, StackError, ReasonRequired, GateError, ProductionMoved) + registry_errors()
+    return (RequestError, StackError, ReasonRequired, GateError, ProductionMoved, users.AuthError) + registry_errors()
 
 
 one_line_errors = errors_as_one_line(platform_errors)
@@ -116,6 +117,7 @@ def request_app() -> typer.Typer:
     app.command("list")(request_list)
     app.command("show")(request_show)
     app.command("withdraw")(request_withdraw)
+    app.command("hold")(request_hold)
     app.command("retry")(request_retry)
     app.command("reap")(request_reap)
     return app
@@ -279,10 +281,22 @@ def request_reap(as_json: bool = AS_JSON):
 
 @one_line_errors
 def request_withdraw(request_id: str = typer.Argument(..., help="the request's id"),
-                     reason: str = typer.Option(..., help="why (recorded)"),
-                     actor: Optional[str] = typer.Option(None, help="who (default: ESD_ACTOR or the local user)")):
-    """Withdraw or reject a request: it is excluded from the next retrain."""
-    r = running_platform().requests.withdraw(request_id, reason, actor_name(actor))
+                     reason: str = typer.Option(..., help="why (recorded)")):
+    """Withdraw or reject a request: it is excluded from the next retrain (an operator's act: ESD_TOKEN of an
+    operator, or the administrator)."""
+    p = running_platform()
+    who = users.command_line_user(p.settings, "operator", what="withdrawing a request")
+    r = p.requests.withdraw(request_id, reason, who.actor)
+    console.print(f"request {request_id}: {r.status}")
+
+
+@one_line_errors
+def request_hold(request_id: str = typer.Argument(..., help="the request's id"),
+                 reason: str = typer.Option(..., help="why (recorded)")):
+    """Hold a candidate or promoted request for review (an operator's act)."""
+    p = running_platform()
+    who = users.command_line_user(p.settings, "operator", what="holding a request")
+    r = p.requests.hold(request_id, reason, who.actor)
     console.print(f"request {request_id}: {r.status}")
 
 
@@ -305,21 +319,26 @@ def lineage_held(p: Platform, model: str):
         yield
 
 
-def promote(name: str, version: int, reason: str, actor: str | None, alias: str = "production",
-            force: bool = False) -> dict:
+def promote(name: str, version: int, reason: str, actor: str | None = None, alias: str = "production",
+            force: bool = False, platform: Platform | None = None) -> dict:
+    """Promote as an operator: the command line's user (ESD_TOKEN, else the administrator), or ACTOR, a name the
+    HTTP API has authenticated."""
     from flows import promotion
 
-    p = running_platform()
+    p = platform or running_platform()
+    who = actor or users.command_line_user(p.settings, "operator", what="promote").actor
     with lineage_held(p, name):
-        return promotion.promote(p, name, version, reason, actor, alias=alias, force=force)
+        return promotion.promote(p, name, version, reason, who, alias=alias, force=force)
 
 
-def rollback(name: str, reason: str, actor: str | None, to: int | None = None) -> dict:
+def rollback(name: str, reason: str, actor: str | None = None, to: int | None = None,
+             platform: Platform | None = None) -> dict:
     from flows import promotion
 
-    p = running_platform()
+    p = platform or running_platform()
+    who = actor or users.command_line_user(p.settings, "operator", what="rollback").actor
     with lineage_held(p, name):
-        return promotion.rollback(p, name, reason, actor, to)
+        return promotion.rollback(p, name, reason, who, to)
 
 
 # --- operations -----------------------------------------------------------------------------------------------
@@ -410,7 +429,7 @@ def build_app() -> typer.Typer:
     """The root `esd` command: engine, platform, registry and stack commands, grouped in its help."""
     from esd import cli as engine
     from flows import deploy
-    from infra.cli import stack_app
+    from infra.cli import stack_app, user_app
     from registry.cli import base_app, model_app
 
     app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -430,6 +449,7 @@ def build_app() -> typer.Typer:
     base.command("build-toy")(base_build_toy)
     app.add_typer(base, name="base", rich_help_panel=REGISTRY)
     app.add_typer(stack_app(up=deploy.up), name="stack", rich_help_panel=STACK)
+    app.add_typer(user_app(), name="user", rich_help_panel=STACK)
     return app
 
 

@@ -204,6 +204,14 @@ class Requests:
             raise RequestError(f"request {request_id} was withdrawn")
         return self.update(request_id, "running", flow_run_id=flow_run_id, runner=runner)
 
+    def hold(self, request_id: str, reason: str, actor: str) -> Request:
+        """Held for review by an operator: a candidate not promoted yet, or a promoted one that needs another look."""
+        reason = require_reason(reason)
+        req = self.require(request_id)
+        if req.status == "held":
+            return req
+        return self.update(request_id, "held", reason=f"{actor}: {reason}"[:500])
+
     def withdraw(self, request_id: str, reason: str, actor: str) -> Request:
         """Withdrawn (or rejected): excluded from the next retrain; the versions already made are kept."""
         reason = require_reason(reason)

@@ -218,11 +218,18 @@ def apply_gate(report: dict, kind: str, model: str, version: int, request_ids: l
     verdict = gate_verdict(report, kind, load_settings())
     record_gate(p.store, model, version, verdict["passed"], verdict["reasons"])
     promotion.promote(p, model, version, "evaluated: gate " + ("passed" if verdict["passed"] else "failed"),
-                      alias="candidate")
+                      flow_actor(), alias="candidate")
     for rid in request_ids:
         p.requests.update(rid, "candidate", model_version=version, gate="passed" if verdict["passed"] else "failed",
                           reason="; ".join(verdict["reasons"])[:500] or None)
     return verdict
+
+
+def flow_actor() -> str:
+    """The actor a flow's own moves are recorded under: flow:<its name> (takedown, retrain)."""
+    from prefect.runtime import flow_run
+
+    return f"flow:{flow_run.flow_name or 'platform'}"
 
 
 @task(cache_policy=NO_CACHE, **RETRY)
@@ -230,7 +237,7 @@ def promote_version(model: str, version: int, reason: str, expected: int | None)
     """Production moves to the version (gate and files checked) if it is still EXPECTED, the version the run
     started from; its requests become promoted. Otherwise {"moved": why}, and nothing moves."""
     try:
-        return promotion.promote(Platform(), model, version, reason, expected=expected)
+        return promotion.promote(Platform(), model, version, reason, flow_actor(), expected=expected)
     except promotion.ProductionMoved as exc:
         return {"changed": False, "moved": str(exc)}
 

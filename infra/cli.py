@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from enum import Enum
 from typing import Callable
 
 import typer
 
-from infra import stack
+from infra import stack, users
 from infra.errors import errors_as_one_line
 from infra.settings import Settings
 
 AS_JSON = typer.Option(False, "--json", help="print JSON")
+Role = Enum("Role", {r: r for r in users.ROLES}, type=str)
 one_line_errors = errors_as_one_line(lambda: (stack.StackError, OSError))
 
 
@@ -76,5 +78,52 @@ def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up) ->
         if not (all(f["anonymous_refused"] for f in result["sockets"]) and result["files_ok"]
                 and not result["secrets_found"]):
             raise typer.Exit(1)
+
+    return app
+
+
+def user_app() -> typer.Typer:
+    """The `user` commands: who may file, operate or read (infra.users)."""
+    app = typer.Typer(no_args_is_help=True, add_completion=False,
+                      help="Users and their roles: submitter, operator, reader.")
+    user_errors = errors_as_one_line(lambda: (ValueError, PermissionError, stack.StackError, OSError))
+
+    @app.command("add")
+    @user_errors
+    def add(name: str = typer.Argument(..., help="the user's name, e.g. ana.ops"),
+            role: Role = typer.Option(..., help="; ".join(f"{r}: {d}" for r, d in users.ROLES.items()))) -> None:
+        """Add a user and print their credential, once (only its hash is kept)."""
+        s = Settings()
+        users.command_line_user(s, what="adding a user")
+        user, token = users.add(s, name, role.value)
+        try:
+            extra = users.provision(s, user, token)
+        except Exception as exc:
+            users.remove(s, name)
+            raise ValueError(f"cannot give {name} their {role.value} access: {str(exc).splitlines()[0]}") from None
+        typer.echo(f"user {user.name} ({user.role}) added; credential, shown once: {token}")
+        for k, v in extra.items():
+            typer.echo(f"  {k}={v}")
+
+    @app.command("list")
+    @user_errors
+    def list_cmd(as_json: bool = AS_JSON) -> None:
+        """Every user and role (no credentials)."""
+        rows = users.list_users(Settings())
+        if as_json:
+            typer.echo(json.dumps([asdict(u) for u in rows], indent=2))
+            return
+        for u in rows:
+            typer.echo(f"{u.name:<24} {u.role:<10} since {u.created}")
+
+    @app.command("remove")
+    @user_errors
+    def remove(name: str = typer.Argument(..., help="the user to remove")) -> None:
+        """Remove a user: their credential stops working at once."""
+        s = Settings()
+        users.command_line_user(s, what="removing a user")
+        user = users.remove(s, name)
+        users.deprovision(s, user)
+        typer.echo(f"user {name} removed")
 
     return app

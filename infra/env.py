@@ -5,6 +5,7 @@ One place: the `esd` command, the servers the stack starts and the test session 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -29,3 +30,15 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """os.environ with VALUES, restored afterwards."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -10,6 +10,7 @@ and Jupyter 8888 (SeaweedFS's own filer default).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -34,6 +35,27 @@ def ensure_home(home: Path) -> None:
     """The data directory, readable by its owner only (0700)."""
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace PATH with TEXT, atomically, in a file only its owner may read (0600 before any byte is in it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def home_lock(home: Path, name: str):
+    """An exclusive lock on one of ESD_HOME's files, across processes, held for the block."""
+    import fcntl
+
+    ensure_home(home)
+    fd = os.open(home / f".{name}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class Settings(BaseSettings):
@@ -158,23 +180,14 @@ class Settings(BaseSettings):
         """A secret of the local stack (one of GENERATED), made with all the others on first use and kept in
         <home>/credentials.json, created 0600 before anything is written to it (a secret added to GENERATED
         later joins an existing file the same way)."""
-        import fcntl
-
         path = self.home / "credentials.json"
         if path.exists() and name in (values := json.loads(path.read_text())):
             return values[name]
-        ensure_home(self.home)
-        fd = os.open(self.home / ".credentials.lock", os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with home_lock(self.home, "credentials"):
             values = json.loads(path.read_text()) if path.exists() else {}
             if name not in values:
                 values |= {k: make() for k, make in GENERATED.items() if k not in values}
-                tmp = path.with_name(f".credentials.{os.getpid()}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    json.dump(values, f)
-                os.replace(tmp, path)
+                write_private(path, json.dumps(values))
         return values[name]
 
     def s3_keys(self) -> tuple[str, str] | None:
@@ -234,7 +247,8 @@ class Settings(BaseSettings):
 
 
 def actor(given: str | None = None) -> str:
-    """Who acts, for the records: the name given, else ESD_ACTOR, else the local user."""
+    """Who acts, for the records: the name a caller authenticated (an API user, an operator's ESD_TOKEN, a flow),
+    else the administrator who holds ESD_HOME's credentials, as admin:<login>."""
     import getpass
 
-    return (given or "").strip() or os.environ.get("ESD_ACTOR") or getpass.getuser()
+    return (given or "").strip() or f"admin:{getpass.getuser()}"

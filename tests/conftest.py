@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from infra import stack as stack_lib
-from infra.env import quiet
+from infra.env import environ, quiet  # noqa: F401  (environ: used by the tests that import it from here)
 from infra.settings import Settings
 
 quiet()
@@ -151,20 +151,6 @@ def tiny_sd(tmp_path_factory) -> Path:
 PERMISSIVE = '{"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0}'
 FLOW_ENV = {"ESD_EVAL_STEPS": "4", "ESD_EVAL_ATTACK": "false", "ESD_GATE_STYLE": PERMISSIVE,
             "ESD_GATE_OBJECT": PERMISSIVE, "ESD_GATE_CUSTOM": PERMISSIVE}
-
-
-@contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """os.environ with VALUES, restored afterwards."""
-    import os
-
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def platform_env(settings: Settings) -> dict[str, str]:

@@ -1,14 +1,24 @@
-"""The HTTP API, version 1: file a takedown request, follow it.
+"""The HTTP API, version 1: file a takedown request, follow it; operators review, promote, hold, roll back.
 
-    POST /v1/requests          file a request (202): concept, kind, requester (name, contact), evidence;
-                               an Idempotency-Key header gives one request however often it is posted
-    GET  /v1/requests/{id}     its status, the history of its status changes, the version and the gate's
-                               verdict; only with the status token returned at submission
-    GET  /v1/health            whether the API answers
-    GET  /v1/openapi.json      this API's OpenAPI document
+    POST /v1/requests                  file a request (202): concept, kind, requester (name, contact), evidence;
+                                       an Idempotency-Key header gives one request however often it is posted
+    GET  /v1/requests/{id}             its status, the history of its status changes, the version and the gate's
+                                       verdict: with the status token returned at submission, as the submitter
+                                       who filed it, or as an operator
+    GET  /v1/requests                  list and filter (operator: every request; submitter: their own)
+    POST /v1/requests/{id}/promote     operator: put the request's version in production (force: past its gate)
+    POST /v1/requests/{id}/hold        operator: hold for review
+    POST /v1/requests/{id}/withdraw    operator: withdraw or reject
+    GET  /v1/models/{name}             operator or reader: versions, aliases, lineage of production, history
+    POST /v1/models/{name}/rollback    operator: production back to an earlier version
+    GET  /v1/health                    whether the API answers
+    GET  /v1/openapi.json              this API's OpenAPI document
 
-It files and starts requests through the same function as `esd request submit` (flows.cli.submit). Contact
-details stay on the platform: kept under ESD_HOME (0600), never in MLflow tags, never in a response.
+Users authenticate with `Authorization: Bearer <credential>` (`esd user add`, infra.users); what they do is
+recorded under their user name. Filing a request needs no credential (the opt-out form is for anyone). Every
+action goes through the same functions as the command line and the Prefect flows (flows.cli.submit, promote,
+rollback; flows.requests). Contact details stay on the platform: kept under ESD_HOME (0600), never in MLflow
+tags, never in a response.
 """
 
 from __future__ import annotations
@@ -23,10 +33,11 @@ import uuid
 from collections import defaultdict, deque
 from typing import Literal, Optional
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from infra import users
 from infra.settings import Settings
 
 MAX_BODY = 64 * 1024
@@ -108,6 +119,32 @@ class RequestStatus(BaseModel):
     reason: Optional[str] = None
 
 
+class RequestSummary(BaseModel):
+    request_id: str
+    concept: str
+    kind: str
+    model: str
+    status: str
+    requester: str
+    model_version: Optional[str] = None
+    gate: Optional[str] = None
+    reason: Optional[str] = None
+    created: Optional[float] = None
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500, description="why (recorded in the history)")
+
+
+class PromoteDecision(Decision):
+    force: bool = Field(False, description="promote a version that failed its gate (the reason says why)")
+
+
+class RollbackDecision(Decision):
+    to: Optional[int] = Field(None, ge=1, description="version (default: the previous production)")
+
+
 class RateLimit:
     """At most `per_hour` new requests per requester name, in this process."""
 
@@ -164,6 +201,57 @@ def create_app(settings: Settings | None = None, platform=None) -> FastAPI:
             return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
         return await call_next(request)
 
+    def caller(authorization: Optional[str] = Header(None, description="Bearer <credential> (esd user add)")):
+        """The user a bearer credential proves; None without one; 401 for one that proves nobody."""
+        token = _bearer(authorization)
+        if not token:
+            return None
+        user = users.authenticate(settings, token)
+        if user is None:
+            raise HTTPException(401, "the credential is not valid")
+        return user
+
+    def role(*roles: str, what: str):
+        def check(user=Depends(caller)):
+            try:
+                return users.require(user, *roles, what=what)
+            except users.AuthError as exc:
+                raise HTTPException(401 if user is None else 403, str(exc)) from None
+        return check
+
+    def acting(fn, *args, **kwargs):
+        """Run an operator's action; the errors that refuse it become 404/409/422 with their one line."""
+        from mlflow.exceptions import MlflowException
+
+        from flows.gate import GateError
+        from flows.promotion import ProductionMoved
+        from flows.requests import RequestError
+        from infra.errors import ReasonRequired
+        from registry.store import RegistryError
+
+        try:
+            return fn(*args, **kwargs)
+        except ReasonRequired as exc:
+            raise HTTPException(422, str(exc)) from None
+        except (RequestError, RegistryError, GateError, ProductionMoved) as exc:
+            text = str(exc).splitlines()[0]
+            raise HTTPException(404 if text.startswith(("no request", "no such", "unknown")) else 409, text) from None
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise HTTPException(404, str(exc.message).splitlines()[0]) from None
+            raise
+
+    def summary(r) -> RequestSummary:
+        return RequestSummary(request_id=r.request_id, concept=r.concept, kind=r.kind, model=r.model, status=r.status,
+                              requester=r.requester, model_version=r.model_version, gate=r.gate, reason=r.reason,
+                              created=r.created)
+
+    def the_request(p, request_id: str):
+        req = p.requests.get(request_id)
+        if req is None:
+            raise HTTPException(404, f"no request {request_id}")
+        return req
+
     @app.get("/v1/health", tags=["meta"])
     def health() -> dict:
         return {"ok": True}
@@ -185,9 +273,13 @@ def create_app(settings: Settings | None = None, platform=None) -> FastAPI:
             rid, existing = "api-" + str(uuid.uuid4()), None
         if existing is None and not limit.allow(body.requester.name):
             raise HTTPException(429, f"more than {limit.per_hour} new requests in an hour from this requester")
+        user = caller(request.headers.get("authorization"))
+        if user is not None and user.role not in ("submitter", "operator"):
+            raise HTTPException(403, f"user {user.name} is a {user.role}; filing needs role submitter or operator")
         try:
-            submit(body.concept, body.kind, body.model, requester=f"api:{body.requester.name}"[:200],
-                   request_id=rid, platform=p)
+            submit(body.concept, body.kind, body.model,
+                   requester=_submitter(user) if user else f"api:{body.requester.name}"[:200], request_id=rid,
+                   platform=p)
         except RequestError as exc:
             code = 409 if "already used" in str(exc) else 422
             raise HTTPException(code, str(exc)) from None
@@ -196,14 +288,21 @@ def create_app(settings: Settings | None = None, platform=None) -> FastAPI:
         return Accepted(request_id=rid, status_url=url, status_token=status_token(settings, rid))
 
     @app.get("/v1/requests/{request_id}", response_model=RequestStatus, name="request_status", tags=["requests"],
-             responses={401: {"description": "no or a wrong status token"}, 404: {"description": "no such request"}})
+             responses={401: {"description": "no or a wrong status token or credential"},
+                        404: {"description": "no such request"}})
     def read_request(request_id: str, token: Optional[str] = None,
                      authorization: Optional[str] = Header(None)) -> RequestStatus:
-        given = token or (authorization or "").removeprefix("Bearer ").strip()
-        if not given or not hmac.compare_digest(given, status_token(settings, request_id)):
-            raise HTTPException(401, "a request's status needs the status token returned when it was filed")
+        given = token or _bearer(authorization)
+        user = caller(authorization) if given.startswith(users.TOKEN_PREFIX) else None
+        allowed = (user is not None and user.role == "operator") or (
+            given and hmac.compare_digest(given, status_token(settings, request_id)))
         p = get_platform()
         req = p.requests.get(request_id)
+        if user is not None and req is not None and req.requester == _submitter(user):
+            allowed = True
+        if not allowed:
+            raise HTTPException(401, "a request's status needs the status token returned when it was filed, "
+                                     "or the credential of whoever filed it, or an operator's")
         if req is None:
             raise HTTPException(404, f"no request {request_id}")
         return RequestStatus(request_id=req.request_id, concept=req.concept, kind=req.kind, model=req.model,
@@ -211,4 +310,75 @@ def create_app(settings: Settings | None = None, platform=None) -> FastAPI:
                              history=[Event(**e) for e in p.requests.history(request_id)],
                              model_version=req.model_version, gate=req.gate, reason=req.reason)
 
+    who = {401: {"description": "no credential, or one that is not valid"},
+           403: {"description": "the credential's role may not do this"}}
+    acted = who | {404: {"description": "no such request or model"},
+                   409: {"description": "refused in this state (named in detail)"},
+                   422: {"description": "a field is invalid (named in detail[].loc)"}}
+
+    @app.get("/v1/requests", response_model=list[RequestSummary], tags=["requests"], responses=who)
+    def list_requests(status: Optional[Literal["received", "running", "candidate", "promoted", "held", "failed",
+                                               "withdrawn"]] = None,
+                      model: Optional[str] = Query(None, max_length=100), kind: Optional[str] = Query(None, max_length=20),
+                      limit: int = Query(100, ge=1, le=1000),
+                      user=Depends(role("submitter", "operator", what="listing requests"))) -> list[RequestSummary]:
+        rows = get_platform().requests.list(status, model, max_results=None if user.role == "submitter" else limit)
+        if user.role == "submitter":
+            rows = [r for r in rows if r.requester == _submitter(user)]
+        return [summary(r) for r in rows if kind is None or r.kind == kind][:limit]
+
+    @app.post("/v1/requests/{request_id}/promote", tags=["operators"], responses=acted)
+    def promote_request(request_id: str, body: PromoteDecision,
+                        user=Depends(role("operator", what="promoting"))) -> dict:
+        from flows.cli import promote
+
+        p = get_platform()
+        req = the_request(p, request_id)
+        if req.status not in ("candidate", "held", "promoted") or not req.model_version:
+            raise HTTPException(409, f"request {request_id} is {req.status}; only a candidate, held or promoted "
+                                     f"request's version can be promoted")
+        return acting(promote, req.model, int(req.model_version), body.reason, user.actor, force=body.force,
+                      platform=p)
+
+    @app.post("/v1/requests/{request_id}/hold", response_model=RequestSummary, tags=["operators"], responses=acted)
+    def hold_request(request_id: str, body: Decision, user=Depends(role("operator", what="holding"))):
+        p = get_platform()
+        the_request(p, request_id)
+        return summary(acting(p.requests.hold, request_id, body.reason, user.actor))
+
+    @app.post("/v1/requests/{request_id}/withdraw", response_model=RequestSummary, tags=["operators"],
+              responses=acted)
+    def withdraw_request(request_id: str, body: Decision, user=Depends(role("operator", what="withdrawing"))):
+        p = get_platform()
+        the_request(p, request_id)
+        return summary(acting(p.requests.withdraw, request_id, body.reason, user.actor))
+
+    @app.get("/v1/models/{name}", tags=["models"], responses=who | {404: {"description": "no such model"}})
+    def read_model(name: str, user=Depends(role("operator", "reader", what="reading a model"))) -> dict:
+        from registry import aliases
+        from registry.versions import lineage, list_versions
+
+        p = get_platform()
+        versions = acting(list_versions, p.store, name)
+        production = aliases.current(p.store, name)
+        return {"name": name, "versions": versions,
+                "aliases": {a: v["version"] for v in versions for a in v["aliases"]},
+                "production_lineage": lineage(p.store, name, production) if production else [],
+                "history": aliases.history(p.store, name)}
+
+    @app.post("/v1/models/{name}/rollback", tags=["operators"], responses=acted)
+    def rollback_model(name: str, body: RollbackDecision, user=Depends(role("operator", what="rolling back"))):
+        from flows.cli import rollback
+
+        return acting(rollback, name, body.reason, user.actor, to=body.to, platform=get_platform())
+
     return app
+
+
+def _bearer(authorization: Optional[str]) -> str:
+    return (authorization or "").removeprefix("Bearer ").strip()
+
+
+def _submitter(user) -> str:
+    """The requester recorded for a request a signed-in user filed."""
+    return f"user:{user.name}"

@@ -44,7 +44,9 @@ def body(line: str, **changes) -> dict:
             "evidence": {"urls": ["https://example.org/gallery"], "text": "our catalogue"}} | changes
 
 
-def test_a_request_posted_twice_is_one_request_that_reaches_a_final_state(api, platform, line):
+@pytest.fixture(scope="module")
+def promoted(api, platform, line) -> dict:
+    """A request filed through the API (twice, one key) and followed to its final state: what it returned."""
     key = {"Idempotency-Key": f"ticket-{uuid.uuid4().hex}"}
     first = api.post("/v1/requests", json=body(line), headers=key)
     assert first.status_code == 202, first.text
@@ -60,6 +62,11 @@ def test_a_request_posted_twice_is_one_request_that_reaches_a_final_state(api, p
         if status["status"] in ("promoted", "held", "failed"):
             break
         time.sleep(2)
+    return got | {"status": status, "key": key}
+
+
+def test_a_request_posted_twice_is_one_request_that_reaches_a_final_state(api, platform, line, promoted):
+    got, status, key = promoted, promoted["status"], promoted["key"]
     assert status["status"] == "promoted", status
     assert status["model_version"] == "2" and status["gate"] == "passed" and status["status_text"].startswith("done")
     assert [e["status"] for e in status["history"]] == ["received", "running", "candidate", "promoted"]
@@ -105,7 +112,9 @@ def test_size_limits_tokens_and_unknown_requests(api, full_stack):
 
 def test_the_openapi_document_lists_every_endpoint(api):
     doc = api.get("/v1/openapi.json").json()
-    assert {"/v1/requests", "/v1/requests/{request_id}", "/v1/health"} <= set(doc["paths"])
+    assert {"/v1/requests", "/v1/requests/{request_id}", "/v1/health", "/v1/requests/{request_id}/promote",
+            "/v1/requests/{request_id}/hold", "/v1/requests/{request_id}/withdraw", "/v1/models/{name}",
+            "/v1/models/{name}/rollback"} == set(doc["paths"])
     assert {"202", "409", "422", "429"} <= set(doc["paths"]["/v1/requests"]["post"]["responses"])
 
 
@@ -115,3 +124,108 @@ def test_the_rate_limit_counts_new_requests_per_requester():
     limit = RateLimit(2)
     assert limit.allow("Studio A") and limit.allow("studio a") and not limit.allow("STUDIO A")
     assert limit.allow("Studio B")
+
+
+@pytest.fixture(scope="module")
+def team(full_stack) -> dict:
+    """A submitter, an operator and a reader, with their credentials."""
+    from infra import users
+
+    out = {}
+    for name, role in (("sam", "submitter"), ("olga", "operator"), ("rita", "reader")):
+        user, token = users.add(full_stack, f"{name}-{uuid.uuid4().hex[:4]}", role)
+        users.provision(full_stack, user, token)
+        out[name] = {"name": user.name, "token": token, "auth": {"Authorization": f"Bearer {token}"}}
+    return out
+
+
+def test_operators_act_under_their_own_name_and_nobody_else_may(api, platform, line, promoted, team):
+    from registry import aliases
+
+    rid, sam, olga, rita = promoted["request_id"], team["sam"], team["olga"], team["rita"]
+    decision = {"reason": "reviewed the evidence"}
+    # nobody, a credential that proves nobody, a submitter and a reader cannot promote, hold or roll back
+    assert api.post(f"/v1/requests/{rid}/promote", json=decision).status_code == 401
+    assert api.post(f"/v1/requests/{rid}/promote", json=decision,
+                    headers={"Authorization": "Bearer esd_not-a-credential"}).status_code == 401
+    for who in (sam, rita):
+        refused = api.post(f"/v1/requests/{rid}/hold", json=decision, headers=who["auth"])
+        assert refused.status_code == 403 and "needs role operator" in refused.json()["detail"], refused.text
+        assert api.post(f"/v1/models/{line}/rollback", json=decision, headers=who["auth"]).status_code == 403
+    assert platform.requests.require(rid).status == "promoted"
+
+    # an operator: a reason is required; the act is recorded under the operator's user name
+    missing = api.post(f"/v1/requests/{rid}/hold", json={"reason": ""}, headers=olga["auth"])
+    assert missing.status_code == 422 and "reason" in json.dumps(missing.json()["detail"])
+    held = api.post(f"/v1/requests/{rid}/hold", json=decision, headers=olga["auth"])
+    assert held.status_code == 200 and held.json()["status"] == "held", held.text
+    assert held.json()["reason"] == f"{olga['name']}: reviewed the evidence"
+    assert aliases.history(platform.store, line)[-1]["actor"] == "flow:takedown"
+    back = api.post(f"/v1/models/{line}/rollback", json={"reason": "regression", "to": 1}, headers=olga["auth"])
+    assert back.status_code == 200 and back.json()["to"] == 1, back.text
+    assert aliases.history(platform.store, line)[-1]["actor"] == olga["name"]
+    # production left its version while it was held; an operator promotes the request back
+    assert platform.requests.require(rid).status == "held"
+    again = api.post(f"/v1/requests/{rid}/promote", json={"reason": "cleared"}, headers=olga["auth"])
+    assert again.status_code == 200, again.text
+    assert platform.requests.require(rid).status == "promoted"
+    last = aliases.history(platform.store, line)[-1]
+    assert (last["actor"], last["reason"], last["from"], last["to"]) == (olga["name"], "cleared", 1, 2)
+
+    # a reader reads the model (versions, aliases, lineage, history); a submitter may not
+    model = api.get(f"/v1/models/{line}", headers=rita["auth"])
+    assert model.status_code == 200, model.text
+    assert model.json()["aliases"]["production"] == 2 and [v["version"] for v in model.json()["versions"]] == [1, 2]
+    assert [v["version"] for v in model.json()["production_lineage"]] == [2, 1]
+    assert api.get(f"/v1/models/{line}", headers=sam["auth"]).status_code == 403
+    assert api.get("/v1/models/no-such-model", headers=rita["auth"]).status_code == 404
+
+    assert api.post(f"/v1/requests/{rid}/withdraw", json={"reason": "artist withdrew"},
+                    headers=olga["auth"]).json()["status"] == "withdrawn"
+    assert api.post(f"/v1/requests/{rid}/promote", json=decision, headers=olga["auth"]).status_code == 409
+
+
+def test_a_submitter_sees_their_own_requests_only(api, platform, line, promoted, team):
+    from flows.requests import Request
+
+    sam, olga = team["sam"], team["olga"]
+    own, _ = platform.requests.file(Request(concept="Otto Kerr", kind="style", model=line,
+                                            requester=f"user:{sam['name']}").validate())
+    assert api.get(f"/v1/requests/{own.request_id}", headers=sam["auth"]).status_code == 200
+    assert api.get(f"/v1/requests/{promoted['request_id']}", headers=sam["auth"]).status_code == 401
+    mine = api.get("/v1/requests", headers=sam["auth"])
+    assert mine.status_code == 200 and [r["request_id"] for r in mine.json()] == [own.request_id]
+    everyone = api.get("/v1/requests", params={"model": line}, headers=olga["auth"]).json()
+    assert {own.request_id, promoted["request_id"]} <= {r["request_id"] for r in everyone}
+    assert "studio-moreau.example" not in json.dumps(everyone)
+    assert api.get("/v1/requests").status_code == 401
+    assert api.get("/v1/requests", params={"status": "lost"}, headers=olga["auth"]).status_code == 422
+    platform.requests.withdraw(own.request_id, "test record", "tests")
+
+
+def test_the_command_line_acts_as_the_user_its_token_proves(platform, line, promoted, team):
+    from typer.testing import CliRunner
+
+    from flows.cli import build_app
+
+    app, runner = build_app(), CliRunner()
+    refused = runner.invoke(app, ["model", "promote", line, "2", "--reason", "x"],
+                            env={"ESD_TOKEN": team["sam"]["token"]})
+    assert refused.exit_code == 1 and "needs role operator" in refused.output, refused.output
+    bogus = runner.invoke(app, ["request", "withdraw", promoted["request_id"], "--reason", "x"],
+                          env={"ESD_TOKEN": "esd_nobody"})
+    assert bogus.exit_code == 1 and "not a valid credential" in bogus.output
+    assert runner.invoke(app, ["user", "add", "mallory", "--role", "operator"],
+                         env={"ESD_TOKEN": team["olga"]["token"]}).exit_code == 1
+
+
+def test_a_reader_reads_the_registry_but_cannot_move_production(full_stack, line, team):
+    from mlflow import MlflowClient
+
+    from infra.env import environ
+
+    with environ({"MLFLOW_TRACKING_USERNAME": team["rita"]["name"], "MLFLOW_TRACKING_PASSWORD": team["rita"]["token"]}):
+        client = MlflowClient(full_stack.tracking_uri)
+        assert client.get_model_version(line, "1").version == "1"
+        with pytest.raises(Exception, match="403"):
+            client.set_registered_model_alias(line, "production", "1")

@@ -9,6 +9,7 @@ Every test can run alone: what it needs comes from fixtures, and what it moves i
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ CONCEPT = "Vela Moreau"
 APP = build_app()
 
 
-def esd(*args: str):
-    return CliRunner().invoke(APP, list(args))
+def esd(*args: str, env: dict | None = None):
+    return CliRunner().invoke(APP, list(args), env=env)
 
 
 def last_json(result) -> dict:
@@ -161,12 +162,16 @@ def test_promote_from_the_command_line_promotes_held_requests(platform, vela):
     assert esd("model", "rollback", "toy-sd", "--reason", "review").exit_code == 0
     # as if its gate had held it: an operator reviews the version and promotes it by hand
     platform.requests.update("req-vela-1", "held")
-    r = esd("model", "promote", "toy-sd", str(version), "--reason", "reviewed by trust and safety", "--actor", "ops")
+    from infra import users
+
+    ops, token = users.add(platform.settings, f"ops-{uuid.uuid4().hex[:4]}", "operator")
+    r = esd("model", "promote", "toy-sd", str(version), "--reason", "reviewed by trust and safety",
+            env={"ESD_TOKEN": token})
     assert r.exit_code == 0, r.output
     req = platform.requests.require("req-vela-1")
     assert req.status == "promoted" and str(req.model_version) == str(version)
     last = json.loads(esd("model", "history", "toy-sd", "--json").output)[-1]
-    assert (last["to"], last["actor"]) == (version, "ops")
+    assert (last["to"], last["actor"]) == (version, ops.name)
 
 
 def test_the_reaper_fails_requests_whose_run_is_dead(platform, vela):
