@@ -16,7 +16,6 @@ import typer
 
 from infra.errors import errors_as_one_line, fail
 
-ACTOR = typer.Option(None, help="who moves the alias (a name or ticket; default: ESD_ACTOR or the local user)")
 AS_JSON = typer.Option(False, "--json", help="print JSON")
 REASON = typer.Option(..., help="why (recorded in the history)")
 NAME = typer.Argument(..., help="registered model, e.g. toy-sd")
@@ -28,16 +27,31 @@ class Alias(str, Enum):
     candidate = "candidate"
 
 
+class Format(str, Enum):
+    diffusers = "diffusers"
+    single_file = "single-file"
+
+
+class Arch(str, Enum):
+    """The architectures a single-file checkpoint can be read as (esd.single_file.ARCHS)."""
+    sd15 = "sd15"
+    sd21 = "sd21"
+    sd21_v = "sd21-v"
+    sdxl = "sdxl"
+
+
 def registry_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
     from mlflow.exceptions import MlflowException
 
     from esd.delta import DeltaError
     from esd.models import ModelError
+    from esd.single_file import SingleFileError
     from infra.errors import ReasonRequired
     from registry.store import RegistryError
 
-    return MlflowException, RegistryError, ReasonRequired, DeltaError, ModelError, BotoCoreError, ClientError, OSError
+    return (MlflowException, RegistryError, ReasonRequired, DeltaError, ModelError, SingleFileError, BotoCoreError,
+            ClientError, OSError)
 
 
 one_line_errors = errors_as_one_line(registry_errors)
@@ -75,7 +89,7 @@ def _describe(r: dict) -> str:
 
 
 def model_app(promote: Callable[..., dict], rollback: Callable[..., dict]) -> typer.Typer:
-    """The `model` commands. PROMOTE(name, version, reason, actor, alias, force) and ROLLBACK(name, reason, actor,
+    """The `model` commands. PROMOTE(name, version, reason, alias=, force=) and ROLLBACK(name, reason,
     to) are the platform's promotion path, so the CLI moves exactly what the flows move."""
     app = typer.Typer(no_args_is_help=True, add_completion=False, help="Registered versions, aliases and history.")
 
@@ -142,13 +156,14 @@ def model_app(promote: Callable[..., dict], rollback: Callable[..., dict]) -> ty
 
     @app.command("promote")
     @one_line_errors
-    def promote_cmd(name: str = NAME, version: int = VERSION, reason: str = REASON, actor: Optional[str] = ACTOR,
+    def promote_cmd(name: str = NAME, version: int = VERSION, reason: str = REASON,
                     alias: Alias = typer.Option(Alias.production, help="the alias to move"),
                     force: bool = typer.Option(False, "--force", help="promote a version that failed its gate"),
                     as_json: bool = AS_JSON) -> None:
         """Point an alias at VERSION, after checking its stored files (and, for production, its gate); the
-        requests it serves become promoted with it."""
-        event = promote(name, version, reason, actor, alias=alias.value, force=force)
+        requests it serves become promoted with it. Recorded under the operator ESD_TOKEN proves, else the
+        administrator."""
+        event = promote(name, version, reason, alias=alias.value, force=force)
         if as_json:
             return _echo_json(event)
         typer.echo(f"{name} {alias.value}: {_v(event['from'])} -> {_v(event['to'])}" if event["changed"]
@@ -158,12 +173,32 @@ def model_app(promote: Callable[..., dict], rollback: Callable[..., dict]) -> ty
     @one_line_errors
     def rollback_cmd(name: str = NAME, reason: str = REASON,
                      to: Optional[int] = typer.Option(None, help="version (default: the previous production)"),
-                     actor: Optional[str] = ACTOR, as_json: bool = AS_JSON) -> None:
-        """Move production back (by default to the previous production version)."""
-        event = rollback(name, reason, actor, to=to)
+                     as_json: bool = AS_JSON) -> None:
+        """Move production back (by default to the previous production version), as the operator ESD_TOKEN
+        proves, else the administrator."""
+        event = rollback(name, reason, to=to)
         if as_json:
             return _echo_json(event)
         typer.echo(f"{name} production: {_v(event['from'])} -> {_v(event['to'])}")
+
+    @app.command("export")
+    @one_line_errors
+    def export_cmd(name: str = NAME, version: int = VERSION,
+                   fmt: Format = typer.Option(..., "--format", help="a diffusers folder, or one .safetensors file in "
+                                                                   "the original layout (A1111, ComfyUI)"),
+                   out: Path = typer.Option(..., help="where to write it (a new path)"),
+                   as_json: bool = AS_JSON) -> None:
+        """Write VERSION (its base with its delta applied, every file checked against the registry) as a diffusers
+        folder or as one safetensors file, and print its sha256 (for a folder: its UNet's, as the registry
+        records bases)."""
+        from registry.export import export_version
+
+        info = export_version(open_store(), name, version, out, fmt.value)
+        if as_json:
+            return _echo_json(info)
+        what = "unet sha256" if fmt is Format.diffusers else "sha256"
+        typer.echo(f"exported {name} v{version} ({info['arch']}, {fmt.value}) to {info['path']}: {what} "
+                   f"{info['sha256']}")
 
     return app
 
@@ -174,16 +209,39 @@ def base_app() -> typer.Typer:
 
     @app.command("import")
     @one_line_errors
-    def base_import(path: Path = typer.Argument(..., help="a diffusers Stable Diffusion folder"),
+    def base_import(path: Path = typer.Argument(..., help="a diffusers Stable Diffusion folder, or a single-file "
+                                                          "checkpoint (.safetensors)"),
                     name: str = typer.Option(..., help="registered model name, e.g. toy-sd"),
+                    arch: Optional[Arch] = typer.Option(None, help="the architecture of a single-file checkpoint; "
+                                                                   "needed when the file carries no configs of its "
+                                                                   "own (files of `esd model export` do)"),
                     as_json: bool = AS_JSON) -> None:
-        """Register a diffusers Stable Diffusion folder as version 1 of NAME."""
-        from registry.versions import import_base
+        """Register a diffusers Stable Diffusion folder as version 1 of NAME; a single .safetensors file is first
+        converted into one by diffusers' own converter, offline."""
+        import tempfile
 
-        info = import_base(open_store(), path, name)
+        from registry.versions import import_base, model_name
+
+        single = path.is_file() and path.suffix == ".safetensors"
+        if arch is not None and not single:
+            fail(f"--arch is for a single-file checkpoint; {path} is not a .safetensors file")
+        store = open_store()
+        if not single:
+            info = import_base(store, path, name)
+            converted = ""
+        else:
+            from esd.single_file import infer_arch, to_diffusers
+
+            model_name(name)
+            with tempfile.TemporaryDirectory(prefix="esd-import-") as tmp:
+                folder = to_diffusers(path, Path(tmp) / "model", arch.value if arch else None)
+                found = infer_arch(folder)
+                info = import_base(store, folder, name, source=path)
+            converted = f"converted from single file {path.name} ({found}), "
+            info = info | {"converted_from": {"file": str(path), "arch": found}}
         if as_json:
             return _echo_json(info)
-        typer.echo(f"registered {name} v{info['version']}: {info['stored_bytes']:,d} bytes, "
+        typer.echo(f"registered {name} v{info['version']}: {converted}{info['stored_bytes']:,d} bytes, "
                    f"unet {info['unet_bytes']:,d} bytes")
 
     return app

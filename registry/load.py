@@ -21,15 +21,21 @@ def load(store: Store, ref: str, dtype: torch.dtype = torch.float32, device: str
 
 def load_parts(store: Store, ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(the base pipeline, the version's delta or None): what an erasure on top of a version needs."""
+    base, delta = version_files(store, ref)
+    return load_pipeline(base, dtype, device), delta
+
+
+def version_files(store: Store, ref: str) -> tuple[Path, delta_lib.Delta | None]:
+    """(the local diffusers folder of the version's base, the version's delta or None), every file verified."""
     mv = resolve(store, ref)
     tree = fetch(store.tracking_uri, store.cache_dir, mv.source, (mv.tags or {}).get("esd.manifest_sha256", ""))
-    return _parts(tree, store.tracking_uri, store.cache_dir, dtype, device)
+    return _files(tree, store.tracking_uri, store.cache_dir)
 
 
-def _parts(folder: Path, tracking_uri: str, cache_dir: Path, dtype: torch.dtype, device: str):
+def _files(folder: Path, tracking_uri: str, cache_dir: Path) -> tuple[Path, delta_lib.Delta | None]:
     manifest = json.loads((folder / VERSION_FILE).read_text())
     if manifest["kind"] == "base":
-        return load_pipeline(folder / WEIGHTS, dtype, device), None
+        return folder / WEIGHTS, None
     base = manifest["base"]
     base_tree = fetch(tracking_uri, cache_dir, base["source"], base["manifest_sha256"])
     delta = delta_lib.load(folder / WEIGHTS)
@@ -37,7 +43,12 @@ def _parts(folder: Path, tracking_uri: str, cache_dir: Path, dtype: torch.dtype,
     if made_for != base["unet_sha256"]:
         raise delta_lib.DeltaError(f"delta was made for base {made_for[:12]}, this version's base is "
                                    f"{base['unet_sha256'][:12]}")
-    return load_pipeline(base_tree / WEIGHTS, dtype, device), delta
+    return base_tree / WEIGHTS, delta
+
+
+def _parts(folder: Path, tracking_uri: str, cache_dir: Path, dtype: torch.dtype, device: str):
+    base, delta = _files(folder, tracking_uri, cache_dir)
+    return load_pipeline(base, dtype, device), delta
 
 
 def _assemble(pipe, delta):

@@ -191,8 +191,10 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def import_base(store: Store, path: str | Path, name: str, description: str = "") -> dict:
-    """Register a full diffusers Stable Diffusion folder as version 1 of a new registered model."""
+def import_base(store: Store, path: str | Path, name: str, description: str = "",
+                source: str | Path | None = None) -> dict:
+    """Register a full diffusers Stable Diffusion folder as version 1 of a new registered model. SOURCE names where
+    the folder came from when it is a conversion (a single-file checkpoint); the run records it."""
     from diffusers import UNet2DConditionModel
     from mlflow.exceptions import MlflowException
 
@@ -221,8 +223,9 @@ def import_base(store: Store, path: str | Path, name: str, description: str = ""
                      if rel.startswith("unet/") and rel.endswith(".safetensors"))
     tags = {"esd.kind": "base", "esd.base_sha256": base_sha256, "esd.unet_bytes": str(unet_bytes)}
     try:
+        origin = Path(source or folder).resolve()
         return _register(store, name, files, manifest, tags, None, f"import base {name}",
-                         {"source_folder": str(folder.resolve())[:500]}, f"base imported from {folder.name}")
+                         {"source_folder": str(origin)[:500]}, f"base imported from {origin.name}")
     except RegistryError:
         if not _all_versions(store, name):
             client.delete_registered_model(name)

@@ -1,0 +1,89 @@
+"""`esd base import FILE.safetensors` and `esd model export` against the real stack: a tiny single-file checkpoint
+in, its versions out as a file and as a folder, and back in under another name with the same UNet."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+from esd import single_file
+from esd.delta import file_sha256, unet_sha256
+from esd.toy import tiny
+from flows.cli import build_app
+from registry.store import Store
+from registry.versions import register_erased, show
+from tests.registry.deltas import make_delta
+
+app = build_app()
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def env(stack) -> dict[str, str]:
+    return {"ESD_HOME": str(stack.home), "ESD_S3_PORT": str(stack.s3_port), "ESD_MLFLOW_PORT": str(stack.mlflow_port)}
+
+
+def run(env, *args: str):
+    return runner.invoke(app, list(args), env=env)
+
+
+def test_single_file_in_and_out(env, stack, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from esd import delta as delta_lib
+
+    store = Store.from_settings(stack)
+    folder = tiny.build(tmp_path / "tiny", "sd21-v", seed=3)
+    file = tmp_path / "tiny.safetensors"
+    single_file.export(folder, file)
+    a, b = f"sf-{uuid.uuid4().hex[:6]}", f"sf-{uuid.uuid4().hex[:6]}"
+
+    imported = run(env, "base", "import", str(file), "--name", a, "--arch", "sd21-v")
+    assert imported.exit_code == 0, imported.output
+    assert f"registered {a} v1: converted from single file tiny.safetensors (sd21-v)" in imported.stdout
+    base_sha = show(store, a, 1)["base_sha256"]
+    assert base_sha == unet_sha256(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+
+    # the base out as one file and in again under another name: the same UNet
+    out = tmp_path / "v1.safetensors"
+    exported = run(env, "model", "export", a, "1", "--format", "single-file", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.strip() == f"exported {a} v1 (sd21-v, single-file) to {out}: sha256 {file_sha256(out)}"
+    again = run(env, "base", "import", str(out), "--name", b, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["converted_from"]["arch"] == "sd21-v"
+    assert show(store, b, 1)["base_sha256"] == base_sha
+
+    # an erased version out as a folder: base + delta, the UNet the registry's delta makes
+    register_erased(store, a, make_delta(folder, tmp_path / "delta", ["Vela Moreau"], seed=1))
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    delta_lib.apply(unet, delta_lib.load(tmp_path / "delta"))
+    erased = unet_sha256(unet)
+    as_folder = tmp_path / "v2"
+    exported = run(env, "model", "export", a, "2", "--format", "diffusers", "--out", str(as_folder))
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.strip() == f"exported {a} v2 (sd21-v, diffusers) to {as_folder}: unet sha256 {erased}"
+    assert unet_sha256(UNet2DConditionModel.from_pretrained(as_folder, subfolder="unet")) == erased
+    as_file = tmp_path / "v2.safetensors"
+    assert run(env, "model", "export", a, "2", "--format", "single-file", "--out", str(as_file)).exit_code == 0
+    back = single_file.to_diffusers(as_file, tmp_path / "v2-back")
+    assert unet_sha256(UNet2DConditionModel.from_pretrained(back, subfolder="unet")) == erased
+
+    # refused, one line, nothing written
+    for args, message in [
+        (("model", "export", a, "2", "--format", "single-file", "--out", str(as_file)), "already exists"),
+        (("model", "export", a, "9", "--format", "diffusers", "--out", str(tmp_path / "v9")), "no model version"),
+        (("model", "export", a, "1", "--format", "diffusers", "--out", str(tmp_path / "no" / "dir")),
+         "is not a directory"),
+        (("base", "import", str(file), "--name", f"sf-{uuid.uuid4().hex[:6]}", "--arch", "sdxl"),
+         "holds an sd21-v model (its embedded configs say so), not sdxl"),
+        (("base", "import", str(folder), "--name", f"sf-{uuid.uuid4().hex[:6]}", "--arch", "sd15"),
+         "--arch is for a single-file checkpoint"),
+    ]:
+        refused = run(env, *args)
+        assert refused.exit_code == 1 and message in refused.stderr and refused.stderr.count("\n") == 1, refused.output
+    assert not (tmp_path / "v9").exists() and not (tmp_path / "no").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
