@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -40,8 +41,9 @@ def engine_errors() -> tuple[type[BaseException], ...]:
     from esd.evaluate.real import PromptFileError
     from esd.methods import MethodError
     from esd.models import ModelError
+    from esd.single_file import SingleFileError
 
-    return EraseError, MethodError, ModelError, DeltaError, PromptFileError, FileNotFoundError
+    return EraseError, MethodError, ModelError, DeltaError, PromptFileError, SingleFileError, FileNotFoundError
 
 
 one_line_errors = errors_as_one_line(engine_errors)
@@ -108,19 +110,48 @@ class TinyArch(str, Enum):
 @one_line_errors
 def toy_tiny(out: Path = typer.Option(..., help="output folder (must not exist)"),
              arch: TinyArch = typer.Option(TinyArch.sd15, help="sd15 (epsilon), sd21-v (SD 2.x layout, v prediction) or sdxl (two text encoders)"),
-             seed: int = typer.Option(0, help="seed of the random weights")):
-    """A tiny random SD folder of a real architecture, in seconds, the same for the same seed (for tests and
-    trying the engine: esd base import it, erase it)."""
+             seed: int = typer.Option(0, help="seed of the random weights"),
+             single_file: bool = typer.Option(False, "--single-file", help="write one .safetensors file in the "
+                                                                            "original layout instead of a folder")):
+    """A tiny random SD folder (or single file) of a real architecture, in seconds, the same for the same seed (for
+    tests and trying the engine: esd base import it, erase it)."""
+    import tempfile
+
+    from esd.delta import unet_sha256
+    from esd.models import load_pipeline
     from esd.toy import tiny
 
     if out.exists():
         raise typer.BadParameter(f"{out} already exists", param_hint="--out")
-    tiny.build(out, arch.value, seed)
-    from esd.delta import unet_sha256
-    from esd.models import load_pipeline
+    if not single_file:
+        tiny.build(out, arch.value, seed)
+        console.print(f"{arch.value} tiny base at {out}: UNet sha256 {unet_sha256(load_pipeline(out).unet)}",
+                      soft_wrap=True)
+        return
+    from esd import single_file as single
 
-    console.print(f"{arch.value} tiny base at {out}: UNet sha256 {unet_sha256(load_pipeline(out).unet)}",
+    with tempfile.TemporaryDirectory(prefix="esd-tiny-") as tmp:
+        folder = tiny.build(Path(tmp) / "model", arch.value, seed)
+        sha = single.export(folder, out, arch.value)
+        unet = unet_sha256(load_pipeline(folder).unet)
+    console.print(f"{arch.value} tiny single-file checkpoint at {out}: sha256 {sha}, UNet sha256 {unet}",
                   soft_wrap=True)
+
+
+@contextlib.contextmanager
+def base_folder(base: Path, arch: str | None = None):
+    """BASE as a diffusers folder: itself, or a single-file checkpoint converted into a temporary one."""
+    if not (base.is_file() and base.suffix == ".safetensors"):
+        if arch is not None:
+            raise typer.BadParameter("is for a single-file base", param_hint="--arch")
+        yield base
+        return
+    import tempfile
+
+    from esd.single_file import to_diffusers
+
+    with tempfile.TemporaryDirectory(prefix="esd-base-") as tmp:
+        yield to_diffusers(base, Path(tmp) / "model", arch)
 
 
 @app.command("erase")
@@ -148,7 +179,10 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
               lamb: Optional[float] = typer.Option(None, help="closed-form: pull towards the original weights"),
               push: Optional[float] = typer.Option(None, help="closed-form: push away from the concept (0: none)"),
               rounds: Optional[int] = typer.Option(None, min=0, help="closed-form robust: rounds of recovered prompts"),
-              base: Path = typer.Option(None, help="diffusers folder (default: the toy base)"),
+              base: Path = typer.Option(None, help="diffusers folder or single-file .safetensors checkpoint "
+                                                   "(default: the toy base)"),
+              arch: Optional[str] = typer.Option(None, help="a single-file base's architecture (sd15, sd21, sd21-v, "
+                                                            "sdxl) where the file carries no configs"),
               out: Path = typer.Option(..., help="folder for delta.safetensors + manifest.json")):
     """Erase concepts from a base model and write the delta checkpoint."""
     from esd import delta as delta_lib
@@ -162,8 +196,9 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
                       precision=precision.value, **kind, gradient_checkpointing=gradient_checkpointing, templates=template or None,
                       preserve=preserve or None, guide=guide, erase_scale=erase_scale, preserve_scale=preserve_scale,
                       lamb=lamb, push=push, rounds=rounds).validate()
-    pipe = load_pipeline(base or BASE_DIR)
-    d = erase(pipe, cfg)
+    with base_folder(base or BASE_DIR, arch) as folder:
+        pipe = load_pipeline(folder)
+        d = erase(pipe, cfg)
     files = delta_lib.save(d, out)
     console.print(f"delta: {d.num_parameters:,} parameters, {d.num_bytes:,} bytes -> {files['tensors'].parent}")
 

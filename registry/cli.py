@@ -197,8 +197,24 @@ def model_app(promote: Callable[..., dict], rollback: Callable[..., dict]) -> ty
         if as_json:
             return _echo_json(info)
         what = "unet sha256" if fmt is Format.diffusers else "sha256"
+        unet = "" if fmt is Format.diffusers else f", unet sha256 {info['unet_sha256']}"
         typer.echo(f"exported {name} v{version} ({info['arch']}, {fmt.value}) to {info['path']}: {what} "
-                   f"{info['sha256']}")
+                   f"{info['sha256']}{unet}")
+
+    @app.command("register")
+    @one_line_errors
+    def register_cmd(name: str = NAME,
+                     delta: Path = typer.Argument(..., help="a delta folder written by `esd erase` against NAME's base"),
+                     as_json: bool = AS_JSON) -> None:
+        """Register an erasure made with `esd erase` as the next version of NAME (a candidate: not promoted, and
+        its gate not evaluated; a takedown request evaluates and gates its own)."""
+        from registry.versions import register_erased
+
+        info = register_erased(open_store(), name, delta)
+        if as_json:
+            return _echo_json(info)
+        typer.echo(f"registered {name} v{info['version']}: {info['method']} erasing {', '.join(info['concepts'])}, "
+                   f"{info['stored_bytes']:,d} bytes")
 
     return app
 
@@ -242,6 +258,6 @@ def base_app() -> typer.Typer:
         if as_json:
             return _echo_json(info)
         typer.echo(f"registered {name} v{info['version']}: {converted}{info['stored_bytes']:,d} bytes, "
-                   f"unet {info['unet_bytes']:,d} bytes")
+                   f"unet {info['unet_bytes']:,d} bytes, unet sha256 {info['base_sha256']}")
 
     return app

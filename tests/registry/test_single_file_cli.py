@@ -51,7 +51,8 @@ def test_single_file_in_and_out(env, stack, tmp_path):
     out = tmp_path / "v1.safetensors"
     exported = run(env, "model", "export", a, "1", "--format", "single-file", "--out", str(out))
     assert exported.exit_code == 0, exported.output
-    assert exported.stdout.strip() == f"exported {a} v1 (sd21-v, single-file) to {out}: sha256 {file_sha256(out)}"
+    assert exported.stdout.strip() == (f"exported {a} v1 (sd21-v, single-file) to {out}: sha256 {file_sha256(out)}, "
+                                       f"unet sha256 {base_sha}")
     again = run(env, "base", "import", str(out), "--name", b, "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["converted_from"]["arch"] == "sd21-v"
@@ -87,3 +88,37 @@ def test_single_file_in_and_out(env, stack, tmp_path):
         assert refused.exit_code == 1 and message in refused.stderr and refused.stderr.count("\n") == 1, refused.output
     assert not (tmp_path / "v9").exists() and not (tmp_path / "no").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21-v", "sdxl"])
+def test_each_architecture_end_to_end_through_the_registry(env, stack, tmp_path, arch):
+    """Import a tiny base of ARCH (a single file), erase with each method that applies, register each erasure,
+    load and generate from the registry, export the last as one file and import it again: the same UNet."""
+    from esd import sample
+    from esd.erase import EraseConfig, erase
+    from esd.models import load_pipeline
+    from registry import load
+
+    store, name = Store.from_settings(stack), f"tiny-{arch.replace('-', '')}-{uuid.uuid4().hex[:4]}"
+    file = tmp_path / "base.safetensors"
+    single_file.export(tiny.build(tmp_path / "folder", arch, seed=5), file, arch)
+    imported = run(env, "base", "import", str(file), "--name", name, "--arch", arch)
+    assert imported.exit_code == 0 and f"({arch})" in imported.output, imported.output
+    base_dir = tmp_path / "converted"
+    single_file.to_diffusers(file, base_dir, arch)
+    for method in ("esd-x", "esd-u", "uce"):
+        cfg = EraseConfig(["red circle"], method=method, iterations=2, ddim_steps=4, seed=0).validate()
+        delta = erase(load_pipeline(base_dir), cfg, progress=False)
+        from esd import delta as delta_lib
+
+        version = register_erased(store, name, delta_lib.save(delta, tmp_path / method)["tensors"].parent)["version"]
+        pipe = load.load(store, f"{name}/{version}")
+        assert unet_sha256(pipe.unet) != show(store, name, 1)["base_sha256"]
+        image = sample.generate(pipe, ["a red circle"], [0], steps=2)
+        assert image.shape == (1, 3, 32, 32)
+    out = tmp_path / "last.safetensors"
+    exported = run(env, "model", "export", name, str(version), "--format", "single-file", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    again = run(env, "base", "import", str(out), "--name", f"{name}-again", "--json")
+    assert json.loads(again.stdout)["base_sha256"] == exported.output.split("unet sha256 ")[1].split()[0] == \
+        unet_sha256(load.load(store, f"{name}/{version}").unet)
