@@ -14,7 +14,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test faults bench clean
+.PHONY: install browser demo test faults bench clean
 
 install: $(STAMP)
 
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/esd demo
 
-test: install
+# Headless Debian Chromium and its driver for the browser tests (tests/flows/test_pages.py), installed with apt as root.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q chromium chromium-driver || \
+	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; fi
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 # The fault suite alone (also part of `make test`): its table, then its two summary lines, last.

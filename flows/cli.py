@@ -416,6 +416,11 @@ def demo(concept: str = typer.Option(DEMO_CONCEPT, help="the artist whose style 
     console.print(f"MLflow UI:  {s.tracking_uri}/#/experiments/{experiment}/runs/{r['run_id']}", soft_wrap=True)
     console.print(f"Prefect UI: {s.prefect_api.removesuffix('/api')}/runs/flow-run/{result['flow_run_id']}",
                   soft_wrap=True)
+    if s.api:
+        pages = f"http://{s.host}:{s.api_port}"
+        console.print(f"Opt-out:    {pages}/opt-out", soft_wrap=True)
+        console.print(f"Review:     {pages}/review/requests/{r['request_id']} (sign in with an operator's "
+                      f"credential: esd user add NAME --role operator)", soft_wrap=True)
     if s.local_mlflow or s.local_prefect:
         console.print(f"sign-in:    MLflow user {s.mlflow_username}, Prefect's auth string: in "
                       f"{(s.home / 'credentials.json').resolve()} (mlflow_admin_password, prefect_auth_string)",

@@ -29,10 +29,12 @@ def promote(platform: Platform, model: str, version: int, reason: str, actor: st
         if now is not None and now != int(expected):
             raise ProductionMoved(f"production of {model} moved from v{expected} to v{now} while this run "
                                   f"worked; v{version} was built on v{expected} and is held for review")
-    event = aliases.promote(platform.store, model, int(version), reason, actor_name(actor), alias=alias, force=force)
+    who = actor_name(actor)
+    event = aliases.promote(platform.store, model, int(version), reason, who, alias=alias, force=force)
     if alias == "production":
         tags = resolve(platform.store, f"{model}/{version}").tags or {}
-        platform.requests.promoted_with(int(version), json.loads(tags.get("esd.request_ids", "[]")))
+        platform.requests.promoted_with(int(version), json.loads(tags.get("esd.request_ids", "[]")),
+                                        f"{who}: {reason}")
         unserved(platform, model, int(version))
     return event
 

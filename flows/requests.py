@@ -247,12 +247,13 @@ class Requests:
         self.client.update_run(req.run_id, status="RUNNING")
         return self.update(request_id, "received", reason="retried", attempt=int(req.attempt or 1) + 1)
 
-    def promoted_with(self, version: int, request_ids: list[str]) -> None:
-        """The candidate or held requests a version serves become promoted when it becomes production."""
+    def promoted_with(self, version: int, request_ids: list[str], reason: str | None = None) -> None:
+        """The candidate or held requests a version serves become promoted when it becomes production; REASON
+        (who and why) is recorded on each."""
         for rid in request_ids:
             req = self.get(rid)
             if req is not None and req.status in ("candidate", "held"):
-                self.update(rid, "promoted", model_version=int(version))
+                self.update(rid, "promoted", model_version=int(version), reason=(reason or "")[:500] or None)
 
     def active(self, model: str) -> list[Request]:
         """Every request a retrain of MODEL must erase, however many records there are."""

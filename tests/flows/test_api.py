@@ -114,7 +114,7 @@ def test_the_openapi_document_lists_every_endpoint(api):
     doc = api.get("/v1/openapi.json").json()
     assert {"/v1/requests", "/v1/requests/{request_id}", "/v1/health", "/v1/requests/{request_id}/promote",
             "/v1/requests/{request_id}/hold", "/v1/requests/{request_id}/withdraw", "/v1/models/{name}",
-            "/v1/models/{name}/rollback"} == set(doc["paths"])
+            "/v1/models/{name}/rollback", "/v1/webhooks", "/v1/webhooks/{webhook_id}"} == set(doc["paths"])
     assert {"202", "409", "422", "429"} <= set(doc["paths"]["/v1/requests"]["post"]["responses"])
 
 
@@ -124,6 +124,57 @@ def test_the_rate_limit_counts_new_requests_per_requester():
     limit = RateLimit(2)
     assert limit.allow("Studio A") and limit.allow("studio a") and not limit.allow("STUDIO A")
     assert limit.allow("Studio B")
+
+
+class Receiver:
+    """A webhook receiver on a free local port: records each POST; the first FAIL of them get HTTP 500."""
+
+    def __init__(self, fail: int = 0):
+        import http.server
+        import threading
+
+        self.got, self.fail = [], fail
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.fail > 0:
+                    outer.fail -= 1
+                    self.send_response(500)
+                else:
+                    outer.got.append((body, self.headers["X-ESD-Signature"]))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def test_webhooks_deliver_every_status_change_signed_and_retry(api, promoted):
+    from flows.api.webhooks import sign
+
+    rid, token = promoted["request_id"], promoted["status_token"]
+    assert api.post("/v1/webhooks", json={"url": "ftp://x", "request_id": rid, "token": token}).status_code == 422
+    assert api.post("/v1/webhooks", json={"url": "http://127.0.0.1:1/x", "request_id": rid}).status_code == 401
+    assert api.post("/v1/webhooks", json={"url": "http://127.0.0.1:1/x"}).status_code == 401     # every request
+    steady, flaky = Receiver(), Receiver(fail=2)
+    subs = [api.post("/v1/webhooks", json={"url": r.url, "request_id": rid, "token": token}) for r in (steady, flaky)]
+    assert all(s.status_code == 201 for s in subs), subs[0].text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (len(steady.got) < 4 or len(flaky.got) < 4):
+        time.sleep(1)
+    for receiver, sub in zip((steady, flaky), subs):
+        events = [json.loads(body) for body, _ in receiver.got]
+        assert [e["status"] for e in events][:4] == ["received", "running", "candidate", "promoted"], events
+        assert all(e["request_id"] == rid and e["event"] == "request.status" for e in events)
+        assert all(signature == sign(sub.json()["secret"], body) for body, signature in receiver.got)
+        assert "studio-moreau.example" not in json.dumps(events)
+    assert flaky.fail == 0          # its first two deliveries failed and were retried
 
 
 @pytest.fixture(scope="module")
