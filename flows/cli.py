@@ -460,7 +460,22 @@ def build_app() -> typer.Typer:
 
 def api(host: str = typer.Option(None, help="bind address (default: ESD_HOST, 127.0.0.1)"),
         port: int = typer.Option(None, help="port (default: ESD_API_PORT, 4212)")) -> None:
-    """Serve the HTTP API (/v1: file a takedown request, follow it; OpenAPI at /v1/openapi.json)."""
+    """Serve the HTTP API and its pages (OpenAPI at /v1/openapi.json).
+
+    \b
+    POST   /v1/requests                   file a request (Idempotency-Key)
+    GET    /v1/requests/{id}              its status (status token, submitter)
+    GET    /v1/requests                   list (submitter: own; operator: all)
+    POST   /v1/requests/{id}/promote      operator, reason (force: past the gate)
+    POST   /v1/requests/{id}/hold         operator, reason
+    POST   /v1/requests/{id}/withdraw     operator, reason
+    GET    /v1/models/{name}              operator, reader: versions, history
+    POST   /v1/models/{name}/rollback     operator, reason
+    POST   /v1/webhooks                   follow status changes (signed)
+    DELETE /v1/webhooks/{id}              operator
+    GET    /v1/health, /v1/openapi.json   liveness, the OpenAPI document
+    GET    /opt-out, /review              opt-out page, review page
+    """
     import uvicorn
 
     from flows.api.app import create_app

@@ -71,7 +71,7 @@ def test_committed_base_loads_as_a_stable_diffusion_pipeline():
 
 def test_build_on_a_reduced_budget(tmp_path):
     from esd.toy.build import BuildConfig, build
-    cfg = BuildConfig(seed=1, images_per_combo=4, vae_steps=60, judge_steps=150, unet_steps=30)
+    cfg = BuildConfig(seed=1, images_per_combo=4, vae_steps=60, judge_steps=150, unet_steps=8)
     info = build(tmp_path, cfg, log=lambda *a: None)
     assert info["vae_mse"] < 0.05
     # far above chance (1 in 7 shapes, 1 in 14 styles) after a tenth of the judge's budget
