@@ -116,6 +116,17 @@ def test_each_architecture_end_to_end_through_the_registry(env, stack, tmp_path,
         assert unet_sha256(pipe.unet) != show(store, name, 1)["base_sha256"]
         image = sample.generate(pipe, ["a red circle"], [0], steps=2)
         assert image.shape == (1, 3, 32, 32)
+    # the served model: MLflow's pyfunc of the last version, its files checked before anything is read
+    import mlflow.pyfunc
+    import numpy as np
+
+    from infra.env import environ
+
+    with environ({"MLFLOW_TRACKING_URI": stack.tracking_uri, "ESD_HOME": str(tmp_path / "serving")} | stack.mlflow_env()):
+        served = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        images = served.predict(["a red circle"], params={"num_inference_steps": 2, "seed": 3})
+    assert isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape == (1, 32, 32, 3)
+
     out = tmp_path / "last.safetensors"
     exported = run(env, "model", "export", name, str(version), "--format", "single-file", "--out", str(out))
     assert exported.exit_code == 0, exported.output
