@@ -280,3 +280,32 @@ def test_a_reader_reads_the_registry_but_cannot_move_production(full_stack, line
         assert client.get_model_version(line, "1").version == "1"
         with pytest.raises(Exception, match="403"):
             client.set_registered_model_alias(line, "production", "1")
+
+
+def test_every_endpoint_refuses_without_the_right_role_and_names_a_bad_field(api, line, promoted, team):
+    rid = promoted["request_id"]
+    acts = [("post", f"/v1/requests/{rid}/promote", {"reason": "r"}), ("post", f"/v1/requests/{rid}/hold", {"reason": "r"}),
+            ("post", f"/v1/requests/{rid}/withdraw", {"reason": "r"}), ("post", f"/v1/models/{line}/rollback", {"reason": "r"}),
+            ("delete", "/v1/webhooks/wh-nothing", None), ("get", f"/v1/models/{line}", None), ("get", "/v1/requests", None)]
+    allowed = {"reader": {f"/v1/models/{line}"}, "submitter": {"/v1/requests"}}
+    for method, path, body in acts:
+        call = lambda headers=None: api.request(method.upper(), path, json=body, headers=headers)
+        assert call().status_code == 401, (method, path)
+        assert call({"Authorization": "Bearer esd_forged"}).status_code == 401, (method, path)
+        for who in ("reader", "submitter"):
+            if path not in allowed[who]:
+                refused = call(team[{"reader": "rita", "submitter": "sam"}[who]]["auth"])
+                assert refused.status_code == 403 and "needs role" in refused.json()["detail"], (who, path)
+    olga = team["olga"]["auth"]
+    for path, body, field in [(f"/v1/requests/{rid}/promote", {}, "reason"),
+                              (f"/v1/requests/{rid}/promote", {"reason": "r", "force": "maybe"}, "force"),
+                              (f"/v1/requests/{rid}/hold", {"reason": "x" * 501}, "reason"),
+                              (f"/v1/requests/{rid}/withdraw", {"reason": "r", "extra": 1}, "extra"),
+                              (f"/v1/models/{line}/rollback", {"reason": "r", "to": 0}, "to"),
+                              ("/v1/webhooks", {"url": "file:///etc/passwd", "request_id": rid}, "url")]:
+        r = api.post(path, json=body, headers=olga)
+        assert r.status_code == 422 and any(field in d["loc"] for d in r.json()["detail"]), (path, r.text)
+    assert api.post("/v1/requests/api-nothing/hold", json={"reason": "r"}, headers=olga).status_code == 404
+    assert api.post("/v1/models/no-such/rollback", json={"reason": "r"}, headers=olga).status_code == 404
+    assert api.delete("/v1/webhooks/wh-nothing", headers=olga).status_code == 404
+    assert api.get("/v1/requests", params={"limit": 0}, headers=olga).status_code == 422
