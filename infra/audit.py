@@ -21,15 +21,6 @@ from infra import stack
 from infra.settings import GENERATED, Settings
 
 # An anonymous data request per known port: (method, path)
-# Anonymous requests per server: each must be refused (401/403, no connection) or find nothing served (404: the
-# HTTP API is switched off, as SeaweedFS's master and filer run with -disableHttp).
-PROBES = {"s3": [("GET", "/")], "mlflow": [("GET", "/api/2.0/mlflow/experiments/search?max_results=1")],
-          "prefect-server": [("GET", "/api/admin/settings")], "weed-filer": [("GET", "/buckets/"), ("GET", "/")],
-          "weed-volume": [("GET", "/1,0100000000")],
-          "weed-master": [("GET", "/dir/assign"), ("GET", "/vol/grow"), ("GET", "/cluster/status"), ("GET", "/")],
-          "weed-admin": [("GET", "/metrics"), ("GET", "/")],
-          # Filing a request is open to anyone by design (the opt-out form); reading one needs its status token.
-          "api": [("GET", "/v1/requests/probe")]}
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
@@ -85,7 +76,7 @@ def listening(s: Settings) -> list[tuple[str, int]]:
 
 
 def _kind(s: Settings, service: str, port: int) -> str:
-    """What a port is: a named HTTP API (PROBES), "grpc" (SeaweedFS's gRPC ports are their HTTP port + 10000)."""
+    """What a port is: a named HTTP API (stack.PROBES), "grpc" (SeaweedFS's gRPC ports are their HTTP port + 10000)."""
     if service == "seaweedfs":
         http = {s.s3_port: "s3", s.weed_master_port: "weed-master", s.weed_volume_port: "weed-volume",
                 s.weed_filer_port: "weed-filer", s.weed_admin_port: "weed-admin"}
@@ -99,10 +90,6 @@ def _kind(s: Settings, service: str, port: int) -> str:
     if service == "api" and port == s.api_port:
         return "api"
     return "unknown"
-
-
-def _http(s: Settings, port: int, method: str, path: str) -> tuple[bool, str]:
-    return stack.anonymous_request(f"http://{s.host}:{port}", method, path)
 
 
 def _grpc(s: Settings, port: int) -> tuple[bool, str]:
@@ -136,10 +123,7 @@ def probe(s: Settings, service: str, port: int) -> SocketFinding:
     if kind == "grpc":
         refused, how = _grpc(s, port)
     else:
-        results = [_http(s, port, method, path) for method, path in PROBES.get(kind, [("GET", "/")])]
-        answered = [how for refused, how in results if not refused and not how.startswith("HTTP 404 ")]
-        refused = not answered
-        how = "; ".join(answered) if answered else "; ".join(how for _, how in results)
+        refused, how = stack.probe_refused(f"http://{s.host}:{port}", kind)
     return SocketFinding(kind if kind != "unknown" else service, port, refused, how)
 
 

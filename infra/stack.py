@@ -192,7 +192,7 @@ SEAWEEDFS = Service(
     name="seaweedfs", local=lambda s: s.local_s3, address=lambda s: s.s3_url,
     health_url=lambda s: f"{s.s3_url}/healthz" if s.local_s3 else s.s3_url,
     command=_weed_command, env=lambda s: {}, prepare=_weed_prepare, ready=_ensure_bucket, cwd=_weed_dir,
-    auth=lambda s: _anonymous_refused(s.s3_url, "GET", "/"))
+    auth=lambda s: _anonymous_refused(s.s3_url, "s3"))
 
 
 # --- MLflow --------------------------------------------------------------------------------------------------
@@ -233,14 +233,14 @@ MLFLOW = Service(
     name="mlflow", local=lambda s: s.local_mlflow, address=lambda s: s.tracking_uri,
     health_url=lambda s: f"{s.tracking_uri}/health", command=_mlflow_command, env=_mlflow_env,
     prepare=_mlflow_prepare,
-    auth=lambda s: _anonymous_refused(s.tracking_uri, "GET", "/api/2.0/mlflow/experiments/search?max_results=1"))
+    auth=lambda s: _anonymous_refused(s.tracking_uri, "mlflow"))
 
 # --- Prefect --------------------------------------------------------------------------------------------------
 
 PREFECT_SERVER = Service(
     name="prefect-server", local=lambda s: s.local_prefect, address=lambda s: s.prefect_api.removesuffix("/api"),
     health_url=lambda s: f"{s.prefect_api}/health", command=prefect_server.server_command, env=prefect_server.server_env,
-    auth=lambda s: _anonymous_refused(s.prefect_api, "GET", "/admin/settings"))
+    auth=lambda s: _anonymous_refused(s.prefect_api.removesuffix("/api"), "prefect-server"))
 
 PREFECT_WORKER = Service(
     name="prefect-worker", local=lambda s: s.worker, address=lambda s: f"pool {s.work_pool}",
@@ -258,7 +258,7 @@ API = Service(
     health_url=lambda s: f"http://{s.host}:{s.api_port}/v1/health",
     command=lambda s: [sys.executable, _esd_command(), "api", "--host", s.host, "--port", str(s.api_port)],
     env=lambda s: s.to_env() | s.s3_env() | s.client_env(), external=False,
-    auth=lambda s: _anonymous_refused(f"http://{s.host}:{s.api_port}", "GET", "/v1/requests/probe"))
+    auth=lambda s: _anonymous_refused(f"http://{s.host}:{s.api_port}", "api"))
 
 # Start order; stop is the reverse. The MLflow server needs S3 first; the worker needs the Prefect server; the API
 # needs all of them.
@@ -339,8 +339,27 @@ def anonymous_request(base: str, method: str, path: str) -> tuple[bool, str]:
         return True, f"connection refused or closed ({e})"
 
 
-def _anonymous_refused(base: str, method: str, path: str) -> bool:
-    return anonymous_request(base, method, path)[0]
+# Anonymous requests per server: each must be refused (401/403, no connection) or find nothing served (404: the
+# HTTP API is switched off, as SeaweedFS's master and filer run with -disableHttp). `esd stack status` and the
+# audit ask the same.
+PROBES = {"s3": [("GET", "/")], "mlflow": [("GET", "/api/2.0/mlflow/experiments/search?max_results=1")],
+          "prefect-server": [("GET", "/api/admin/settings")], "weed-filer": [("GET", "/buckets/"), ("GET", "/")],
+          "weed-volume": [("GET", "/1,0100000000")],
+          "weed-master": [("GET", "/dir/assign"), ("GET", "/vol/grow"), ("GET", "/cluster/status"), ("GET", "/")],
+          "weed-admin": [("GET", "/metrics"), ("GET", "/")],
+          # Filing a request is open to anyone by design (the opt-out form); reading one needs its status token.
+          "api": [("GET", "/v1/requests/probe")]}
+
+
+def probe_refused(base: str, kind: str) -> tuple[bool, str]:
+    """Whether every anonymous probe of KIND at BASE was refused or found nothing, and what happened."""
+    results = [anonymous_request(base, method, path) for method, path in PROBES.get(kind, [("GET", "/")])]
+    answered = [how for refused, how in results if not refused and not how.startswith("HTTP 404 ")]
+    return not answered, "; ".join(answered) if answered else "; ".join(how for _, how in results)
+
+
+def _anonymous_refused(base: str, kind: str) -> bool:
+    return probe_refused(base, kind)[0]
 
 
 def healthy(url: str, timeout: float = 3) -> bool:
