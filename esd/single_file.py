@@ -255,13 +255,20 @@ def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
 
 def config_files(folder: Path) -> dict[str, str]:
     """Every configuration file of a diffusers folder (model_index.json, the components' configs, the tokenizer
-    files), relative path -> text."""
+    files), relative path -> text. Where a folder was loaded from (`_name_or_path`, which diffusers writes into
+    the configs of a folder it loaded and saved again) is left out: the same model gives the same file."""
     files = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
         if (p.is_file() and p.suffix in (".json", ".txt") and not p.name.endswith(".index.json")
                 and not any(part.startswith(".") for part in rel.parts)):
-            files[rel.as_posix()] = p.read_text()
+            text = p.read_text()
+            if p.suffix == ".json":
+                data = json.loads(text)
+                if isinstance(data, dict) and "_name_or_path" in data:
+                    data.pop("_name_or_path")
+                    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+            files[rel.as_posix()] = text
     return files
 
 

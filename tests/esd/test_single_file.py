@@ -209,3 +209,13 @@ def test_shipped_configs_are_the_reference_models(arch, params, width, predictio
         tokenizer = CLIPTokenizer.from_pretrained(tok)
         assert tokenizer("a photo of a cat").input_ids == CAT
         assert (len(tokenizer), tokenizer.model_max_length, tokenizer.pad_token_id) == (49408, 77, pads[tok.name])
+
+
+def test_the_same_model_gives_the_same_file_wherever_it_was_loaded_from(tmp_path):
+    from esd.models import load_pipeline
+
+    folder = tiny.build(tmp_path / "a", "sd21-v", seed=0)
+    load_pipeline(folder).save_pretrained(tmp_path / "resaved", safe_serialization=True)   # configs name "a"
+    assert "_name_or_path" in (tmp_path / "resaved" / "unet" / "config.json").read_text()
+    assert sf.export(folder, tmp_path / "1.safetensors") == \
+        sf.export(tmp_path / "resaved", tmp_path / "2.safetensors")
