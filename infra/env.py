@@ -29,6 +29,7 @@ def quiet() -> None:
     # operator must act on; MLflow's real warnings and errors still show.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="starlette.middleware.wsgi is deprecated")   # inside MLflow's server
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
