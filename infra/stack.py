@@ -27,7 +27,7 @@ from typing import Callable
 
 from infra import prefect_server
 from infra.env import QUIET_ENV
-from infra.settings import Settings, ensure_home
+from infra.settings import Settings, ensure_home, write_private
 
 
 class StackError(RuntimeError):
@@ -91,7 +91,7 @@ def _weed_prepare(s: Settings) -> None:
          "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
         {"name": "esd-reader", "credentials": [{"accessKey": reader[0], "secretKey": reader[1]}],
          "actions": [f"Read:{s.s3_bucket}", f"List:{s.s3_bucket}"]}]}
-    _private(_weed_dir(s) / "s3.json", json.dumps(config))
+    write_private(_weed_dir(s) / "s3.json", json.dumps(config))
     # weed reads ./security.toml from its working directory (the stack runs it in _weed_dir). JWTs sign every
     # filer and volume request and mutual TLS guards every gRPC port. The master's status page stays open: the
     # guard's IP white list, SeaweedFS's only control there, also gates the volume servers' gRPC (README, Security).
@@ -100,7 +100,7 @@ def _weed_prepare(s: Settings) -> None:
     grpc = "".join(f'[grpc.{part}]\ncert = "{cert}"\nkey = "{key}"\nclient_cert = "{cert}"\nclient_key = "{key}"\n'
                    f'allowed_commonNames = "{WEED_TLS_NAME}"\n\n'
                    for part in ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq"))
-    _private(_weed_dir(s) / "security.toml",
+    write_private(_weed_dir(s) / "security.toml",
              f'[jwt.signing]\nkey = "{jwt}"\nexpires_after_seconds = 60\n\n'
              f'[jwt.signing.read]\nkey = "{jwt}"\nexpires_after_seconds = 60\n\n'
              f'[jwt.filer_signing]\nkey = "{filer_jwt}"\nexpires_after_seconds = 60\n\n'
@@ -146,18 +146,13 @@ def _weed_tls(s: Settings) -> tuple[Path, Path, Path]:
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_cert = certificate("esd local CA", ca_key, "esd local CA", ca_key, True)
     cert = certificate(WEED_TLS_NAME, key, "esd local CA", ca_key, False)
-    _private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption()).decode())
-    _private(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
-    _private(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM).decode())
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode())
+    write_private(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM).decode())
     return ca_path.resolve(), cert_path.resolve(), key_path.resolve()
 
 
-def _private(path: Path, text: str) -> None:
-    """Write a file that only its owner may read (0600 before any byte is in it)."""
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text(text)
 
 
 def _weed_command(s: Settings) -> list[str]:
@@ -205,7 +200,7 @@ def _mlflow_prepare(s: Settings) -> None:
     """MLflow's basic-auth app: its own user database; nobody but a granted user reads or writes anything."""
     ensure_home(s.home)
     database = s.mlflow_auth_database_uri or f"sqlite:///{(s.home / 'mlflow-auth.db').resolve()}"
-    _private(_mlflow_auth_config(s), "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+    write_private(_mlflow_auth_config(s), "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                     f"database_uri = {s.backend_store_uri_for(database)}\nadmin_username = {s.mlflow_username}\n"
                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                     "grant_default_workspace_access = false\n"
@@ -388,7 +383,7 @@ def _start(s: Settings, svc: Service, timeout: float) -> int:
         # A new session: the service and its workers form one process group that `down` can stop together.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=svc.cwd(s), start_new_session=True, umask=0o077)
-    _private(_pid_file(s, svc.name), json.dumps({"pid": proc.pid, "argv": argv}))
+    write_private(_pid_file(s, svc.name), json.dumps({"pid": proc.pid, "argv": argv}))
     _wait_healthy(s, svc, timeout)
     svc.ready(s)
     return proc.pid

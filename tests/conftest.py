@@ -60,15 +60,13 @@ def stack_settings(home: Path, backend_store_uri: str | None = None, generated: 
     session's MLflow and Prefect credentials (the rest generated as always), unless GENERATED: all its own."""
     import json
 
-    from infra.settings import GENERATED, ensure_home
+    from infra.settings import GENERATED, ensure_home, write_private
 
     if not generated and not (home / "credentials.json").exists():
         ensure_home(home)
         values = {k: make() for k, make in GENERATED.items()} | {"mlflow_admin_password": SESSION_MLFLOW_PASSWORD,
                                                                  "prefect_auth_string": SESSION_PREFECT_AUTH}
-        fd = os.open(home / "credentials.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(values, f)
+        write_private(home / "credentials.json", json.dumps(values))
     s3, master, volume, filer, admin, mlflow, prefect, api = free_ports(8)
     return Settings(home=home, s3_port=s3, weed_master_port=master, weed_volume_port=volume, weed_filer_port=filer,
                     weed_admin_port=admin, mlflow_port=mlflow, mlflow_backend_store_uri=backend_store_uri,
