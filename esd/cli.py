@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -138,22 +137,6 @@ def toy_tiny(out: Path = typer.Option(..., help="output folder (must not exist)"
                   soft_wrap=True)
 
 
-@contextlib.contextmanager
-def base_folder(base: Path, arch: str | None = None):
-    """BASE as a diffusers folder: itself, or a single-file checkpoint converted into a temporary one."""
-    if not (base.is_file() and base.suffix == ".safetensors"):
-        if arch is not None:
-            raise typer.BadParameter("is for a single-file base", param_hint="--arch")
-        yield base
-        return
-    import tempfile
-
-    from esd.single_file import to_diffusers
-
-    with tempfile.TemporaryDirectory(prefix="esd-base-") as tmp:
-        yield to_diffusers(base, Path(tmp) / "model", arch)
-
-
 @app.command("erase")
 @one_line_errors
 def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to erase, e.g. 'Vela Moreau'"),
@@ -188,6 +171,7 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
     from esd import delta as delta_lib
     from esd.erase import EraseConfig, erase
     from esd.models import load_pipeline
+    from esd.single_file import as_folder
     from esd.toy import BASE_DIR
 
     kind = {"concept_kind": concept_kind} if concept_kind else {}
@@ -196,7 +180,7 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
                       precision=precision.value, **kind, gradient_checkpointing=gradient_checkpointing, templates=template or None,
                       preserve=preserve or None, guide=guide, erase_scale=erase_scale, preserve_scale=preserve_scale,
                       lamb=lamb, push=push, rounds=rounds).validate()
-    with base_folder(base or BASE_DIR, arch) as folder:
+    with as_folder(base or BASE_DIR, arch) as folder:
         pipe = load_pipeline(folder)
         d = erase(pipe, cfg)
     files = delta_lib.save(d, out)

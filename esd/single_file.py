@@ -22,6 +22,7 @@ the reference models, no weights). Both directions keep tensors bit for bit and 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -512,3 +513,21 @@ def _load(file: Path, config: Path, arch: str, dtype: torch.dtype):
         raise SingleFileError(f"cannot convert {file} as {arch}: {first_line(exc)}") from None
     finally:
         torch.set_default_dtype(default)
+
+
+def is_single_file(path: Path) -> bool:
+    return Path(path).is_file() and Path(path).suffix == ".safetensors"
+
+
+@contextlib.contextmanager
+def as_folder(path: Path, arch: str | None = None):
+    """PATH as a diffusers folder: itself, or a single-file checkpoint converted into a temporary one (ARCH: its
+    architecture, where the file carries no configs of its own)."""
+    path = Path(path)
+    if not is_single_file(path):
+        if arch is not None:
+            raise SingleFileError(f"--arch is for a single-file checkpoint; {path} is not a .safetensors file")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="esd-single-file-") as tmp:
+        yield to_diffusers(path, Path(tmp) / "model", arch)

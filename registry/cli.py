@@ -234,27 +234,20 @@ def base_app() -> typer.Typer:
                     as_json: bool = AS_JSON) -> None:
         """Register a diffusers Stable Diffusion folder as version 1 of NAME; a single .safetensors file is first
         converted into one by diffusers' own converter, offline."""
-        import tempfile
-
+        from esd.single_file import as_folder, infer_arch, is_single_file
         from registry.versions import import_base, model_name
 
-        single = path.is_file() and path.suffix == ".safetensors"
-        if arch is not None and not single:
-            fail(f"--arch is for a single-file checkpoint; {path} is not a .safetensors file")
+        model_name(name)
         store = open_store()
-        if not single:
-            info = import_base(store, path, name)
-            converted = ""
-        else:
-            from esd.single_file import infer_arch, to_diffusers
-
-            model_name(name)
-            with tempfile.TemporaryDirectory(prefix="esd-import-") as tmp:
-                folder = to_diffusers(path, Path(tmp) / "model", arch.value if arch else None)
+        converted = ""
+        with as_folder(path, arch.value if arch else None) as folder:
+            if not is_single_file(path):
+                info = import_base(store, folder, name)
+            else:
                 found = infer_arch(folder)
-                info = import_base(store, folder, name, source=path)
-            converted = f"converted from single file {path.name} ({found}), "
-            info = info | {"converted_from": {"file": str(path), "arch": found}}
+                info = import_base(store, folder, name, source=path) | \
+                    {"converted_from": {"file": str(path), "arch": found}}
+                converted = f"converted from single file {path.name} ({found}), "
         if as_json:
             return _echo_json(info)
         typer.echo(f"registered {name} v{info['version']}: {converted}{info['stored_bytes']:,d} bytes, "
