@@ -206,19 +206,19 @@ class Requests:
 
     def hold(self, request_id: str, reason: str, actor: str) -> Request:
         """Held for review by an operator: a candidate not promoted yet, or a promoted one that needs another look."""
-        reason = require_reason(reason)
-        req = self.require(request_id)
-        if req.status == "held":
-            return req
-        return self.update(request_id, "held", reason=f"{actor}: {reason}"[:500])
+        return self._decide(request_id, "held", reason, actor)
 
     def withdraw(self, request_id: str, reason: str, actor: str) -> Request:
         """Withdrawn (or rejected): excluded from the next retrain; the versions already made are kept."""
+        return self._decide(request_id, "withdrawn", reason, actor)
+
+    def _decide(self, request_id: str, status: str, reason: str, actor: str) -> Request:
+        """An operator's move to STATUS, with who and why; a request already there stays as it is."""
         reason = require_reason(reason)
         req = self.require(request_id)
-        if req.status == "withdrawn":
+        if req.status == status:
             return req
-        return self.update(request_id, "withdrawn", reason=f"{actor}: {reason}"[:500])
+        return self.update(request_id, status, reason=f"{actor}: {reason}"[:500])
 
     def fail(self, request_ids: list[str], exc: BaseException | str) -> None:
         """A run that broke leaves its requests failed with the reason, never stuck in running (a request already
