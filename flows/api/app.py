@@ -353,9 +353,9 @@ class Desk:
         import tempfile
 
         req = self.request(request_id)
-        if not req.run_id or name not in self.evidence(request_id)["grids"]:
-            raise HTTPException(404, f"request {request_id} has no grid {name}")
         client = self.platform.store.mlflow()
+        if not req.run_id or f"grids/{name}" not in [a.path for a in client.list_artifacts(req.run_id, "grids")]:
+            raise HTTPException(404, f"request {request_id} has no grid {name}")
         with tempfile.TemporaryDirectory() as tmp:
             from pathlib import Path
 
