@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 
 from tests.registry.deltas import make_delta
+
+
+@pytest.fixture(scope="module")
+def env(stack) -> dict[str, str]:
+    """What the `esd` command line needs to reach the session's registry stack."""
+    return {"ESD_HOME": str(stack.home), "ESD_S3_PORT": str(stack.s3_port), "ESD_MLFLOW_PORT": str(stack.mlflow_port)}
+
+
+@functools.lru_cache(maxsize=None)
+def _esd():
+    from flows.cli import build_app
+
+    return build_app()
+
+
+def run(env: dict[str, str], *args: str):
+    """`esd ARGS` in this process, in ENV."""
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(_esd(), list(args), env=env)
 
 
 @pytest.fixture(scope="session")

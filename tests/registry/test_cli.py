@@ -6,23 +6,10 @@ import json
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
-from flows.cli import build_app
 from registry.store import Store
+from tests.registry.conftest import run
 from tests.registry.deltas import make_delta, mark_gate
-
-app = build_app()
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def env(stack) -> dict[str, str]:
-    return {"ESD_HOME": str(stack.home), "ESD_S3_PORT": str(stack.s3_port), "ESD_MLFLOW_PORT": str(stack.mlflow_port)}
-
-
-def run(env, *args: str):
-    return runner.invoke(app, list(args), env=env)
 
 
 def test_import_list_show_lineage_promote_history(env, stack, tiny_sd, tmp_path):

@@ -7,27 +7,14 @@ import json
 import uuid
 
 import pytest
-from typer.testing import CliRunner
 
 from esd import single_file
 from esd.delta import file_sha256, unet_sha256
 from esd.toy import tiny
-from flows.cli import build_app
 from registry.store import Store
 from registry.versions import register_erased, show
+from tests.registry.conftest import run
 from tests.registry.deltas import make_delta
-
-app = build_app()
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def env(stack) -> dict[str, str]:
-    return {"ESD_HOME": str(stack.home), "ESD_S3_PORT": str(stack.s3_port), "ESD_MLFLOW_PORT": str(stack.mlflow_port)}
-
-
-def run(env, *args: str):
-    return runner.invoke(app, list(args), env=env)
 
 
 def test_single_file_in_and_out(env, stack, tmp_path):
