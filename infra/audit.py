@@ -1,8 +1,9 @@
 """`esd stack audit`: what an outsider on this machine could reach, read as a reviewer would.
 
 For every listening socket that a process of the stack opened (found in /proc, not taken from settings), one
-anonymous request of the kind that port speaks: an HTTP data request without credentials, or, for a gRPC port,
-a plaintext HTTP/2 preface and then a TLS handshake without a client certificate. A socket refuses when it
+anonymous request of the kind that port speaks: an HTTP data request without credentials (asked again over TLS
+without a client certificate where the port answers that it speaks only HTTPS), or, for a gRPC port, a plaintext
+HTTP/2 preface and then a TLS handshake without a client certificate. A socket refuses when it
 answers 401/403, demands TLS and refuses a client without a certificate, or closes on us. Then the modes of the
 files under ESD_HOME, and a scan for the stack's secrets where they must never be: logs, process command lines,
 MLflow params and tags, Prefect flow run parameters.

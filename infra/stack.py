@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -81,8 +82,9 @@ def _weed_dir(s: Settings) -> Path:
 
 
 def _weed_prepare(s: Settings) -> None:
-    """Two S3 identities (the platform writes, a consumer key only reads) and JWT signing between SeaweedFS's own
-    servers, so that its filer and volume ports refuse a request that did not come through the S3 gateway."""
+    """Two S3 identities (the platform writes, a consumer key only reads), JWT signing between SeaweedFS's own
+    servers, so that its filer and volume ports refuse a request that did not come through the S3 gateway, and
+    mutual TLS on every port that has no other guard."""
     ensure_home(s.home)
     (_weed_dir(s) / "data").mkdir(parents=True, exist_ok=True)
     writer, reader = s.s3_keys() or ("", ""), s.s3_reader_keys() or ("", "")
@@ -93,19 +95,25 @@ def _weed_prepare(s: Settings) -> None:
          "actions": [f"Read:{s.s3_bucket}", f"List:{s.s3_bucket}"]}]}
     write_private(_weed_dir(s) / "s3.json", json.dumps(config))
     # weed reads ./security.toml from its working directory (the stack runs it in _weed_dir). JWTs sign every
-    # filer and volume request and mutual TLS guards every gRPC port. The master's status page stays open: the
-    # guard's IP white list, SeaweedFS's only control there, also gates the volume servers' gRPC (README, Security).
+    # filer and volume request and mutual TLS guards every gRPC port. The master's HTTP port (its status page `/`
+    # and /cluster/status, served even with -disableHttp) and the admin server's (/metrics and /health, served even
+    # with -admin.ui=false) have no authentication of their own: [https.master] and [https.admin] make them HTTPS
+    # that requires a client certificate from the same private CA. SeaweedFS's servers talk to each other over gRPC
+    # (its start-up readiness checks send plain HTTP and take any answer, the 400 included) and the platform only
+    # over S3; the guard's IP white list would not help (it does not cover `/` or /cluster/status).
     ca, cert, key = _weed_tls(s)
     jwt, filer_jwt = s.generated("weed_jwt_key"), s.generated("weed_filer_jwt_key")
     grpc = "".join(f'[grpc.{part}]\ncert = "{cert}"\nkey = "{key}"\nclient_cert = "{cert}"\nclient_key = "{key}"\n'
                    f'allowed_commonNames = "{WEED_TLS_NAME}"\n\n'
                    for part in ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq"))
+    https = "".join(f'[https.{part}]\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n\n' for part in ("master", "admin"))
     write_private(_weed_dir(s) / "security.toml",
              f'[jwt.signing]\nkey = "{jwt}"\nexpires_after_seconds = 60\n\n'
              f'[jwt.signing.read]\nkey = "{jwt}"\nexpires_after_seconds = 60\n\n'
              f'[jwt.filer_signing]\nkey = "{filer_jwt}"\nexpires_after_seconds = 60\n\n'
              f'[jwt.filer_signing.read]\nkey = "{filer_jwt}"\nexpires_after_seconds = 60\n\n'
              f'[access]\nui = false\n\n'
+             f'{https}'
              f'[grpc]\nca = "{ca}"\n\n{grpc}[grpc.client]\ncert = "{cert}"\nkey = "{key}"\n')
 
 
@@ -158,7 +166,9 @@ def _weed_tls(s: Settings) -> tuple[Path, Path, Path]:
 def _weed_command(s: Settings) -> list[str]:
     d = _weed_dir(s)
     # Only the S3 gateway and the parts it needs; WebDAV, admin UI and table catalogs stay off, and the master and
-    # filer serve gRPC only (-disableHttp): no anonymous /dir/assign or directory listing.
+    # filer serve gRPC only (-disableHttp): no anonymous /dir/assign or directory listing. What the master's and the
+    # admin server's HTTP ports still serve (status page, /cluster/status, /metrics) needs a client certificate
+    # (security.toml [https.master], [https.admin], see _weed_prepare); `weed mini` always runs the admin server.
     return [weed_binary(), "mini", f"-dir={d / 'data'}", f"-ip={s.host}", f"-ip.bind={s.host}", "-disableHttp",
             "-master.telemetry=false", f"-s3.config={d / 's3.json'}", "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={s.s3_port}", f"-master.port={s.weed_master_port}",
@@ -321,22 +331,39 @@ def running_pid(s: Settings, name: str) -> int | None:
 
 
 def anonymous_request(base: str, method: str, path: str) -> tuple[bool, str]:
-    """An HTTP data request without credentials: (whether it was refused: 401/403 or no connection, what happened)."""
+    """An HTTP data request without credentials: (whether it was refused: 401/403 or no connection, what happened).
+
+    A port that speaks only TLS (Go's servers answer plain HTTP with a 400 "Client sent an HTTP request to an HTTPS
+    server") is asked the same over TLS, as an outsider would: trusting any server certificate, offering no client
+    certificate of its own. It refuses if that handshake or the first read fails (a TLS 1.3 server sends its verdict
+    on the missing certificate after the handshake); otherwise its HTTP answer counts as for any other port."""
+    tls = base.startswith("https:")
     req = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST" else None,
                                  headers={"Content-Type": "application/json"})
-    what = f"an anonymous {method} {urllib.parse.urlsplit(base + path).path}"
+    what = f"an anonymous {method} {urllib.parse.urlsplit(base + path).path}" + (" over TLS" if tls else "")
+    context = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5, context=context) as r:
             return False, f"HTTP {r.status} to {what}"
     except urllib.error.HTTPError as e:
+        if e.code == 400 and not tls and b"HTTP request to an HTTPS server" in e.read(200):
+            return anonymous_request("https" + base.removeprefix("http"), method, path)
         return e.code in (401, 403), f"HTTP {e.code} to {what}"
     except (urllib.error.URLError, OSError) as e:
+        if tls:
+            why = getattr(e, "reason", e)
+            return True, (f"HTTPS only: {what} without a client certificate refused "
+                          f"({getattr(why, 'reason', None) or why})")
         return True, f"connection refused or closed ({e})"
 
 
-# Anonymous requests per server: each must be refused (401/403, no connection) or find nothing served (404: the
-# HTTP API is switched off, as SeaweedFS's master and filer run with -disableHttp). `esd stack status` and the
-# audit ask the same.
+# Anonymous requests per server: each must be refused (401/403, no connection, TLS without a client certificate) or
+# find nothing served (404: the HTTP API is switched off, as SeaweedFS's master and filer run with -disableHttp).
+# SeaweedFS's master and admin HTTP ports speak only mutual TLS (security.toml [https.*]): anonymous_request asks
+# them again over TLS. `esd stack status` and the audit ask the same.
 PROBES = {"s3": [("GET", "/")], "mlflow": [("GET", "/api/2.0/mlflow/experiments/search?max_results=1")],
           "prefect-server": [("GET", "/api/admin/settings")], "weed-filer": [("GET", "/buckets/"), ("GET", "/")],
           "weed-volume": [("GET", "/1,0100000000")],

@@ -14,9 +14,6 @@ from flows.cli import build_app
 from tests.conftest import environ, platform_env
 
 APP = build_app()
-# SeaweedFS's master status page and the admin server's metrics have no authentication of their own in `weed mini`
-# (see README, Security); every other socket must refuse, and those two must not hand out write access.
-OPEN_IN_WEED_MINI = {"weed-master", "weed-admin"}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +35,7 @@ def test_every_socket_the_stack_opened_refuses_an_anonymous_request(full_stack):
     assert {s.s3_port, s.mlflow_port, s.prefect_port, s.weed_master_port, s.weed_volume_port, s.weed_filer_port,
             s.weed_admin_port} <= ports
     assert {s.weed_master_port + 10000, s.weed_volume_port + 10000, s.weed_filer_port + 10000} <= ports
-    answered = sorted(f"{f.server}:{f.port} ({f.how})" for f in found.values()
-                      if not f.anonymous_refused and f.server not in OPEN_IN_WEED_MINI)
+    answered = sorted(f"{f.server}:{f.port} ({f.how})" for f in found.values() if not f.anonymous_refused)
     assert not answered
     assert sum(f.server == "grpc" for f in found.values()) >= 5
     # the master's HTTP API is off: no file id and write token, no volume growth for an anonymous caller

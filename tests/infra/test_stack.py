@@ -53,6 +53,27 @@ def test_up_status_down_restart_keeps_data(tmp_path):
         assert MlflowClient(s.tracking_uri).get_experiment_by_name("kept") is not None
 
 
+def test_every_seaweedfs_socket_refuses_an_anonymous_request(tmp_path):
+    import ssl
+    import urllib.request
+
+    from infra import audit
+
+    with local_stack(tmp_path, only=("seaweedfs",)) as s:
+        found = [audit.probe(s, *sp) for sp in audit.listening(s)]
+        ports = {f.port for f in found}
+        assert {s.s3_port, s.weed_master_port, s.weed_volume_port, s.weed_filer_port, s.weed_admin_port} <= ports
+        assert not [f for f in found if not f.anonymous_refused]
+        assert all(f.how.startswith("HTTPS only: ") for f in found if f.server in ("weed-master", "weed-admin"))
+        # the master's and admin server's HTTP ports speak only mutual TLS: the stack's own certificate gets an answer
+        d = tmp_path / "seaweedfs" / "tls"
+        context = ssl.create_default_context(cafile=str(d / "ca.crt"))
+        context.load_cert_chain(d / "weed.crt", d / "weed.key")
+        for port, path in ((s.weed_master_port, "/cluster/status"), (s.weed_admin_port, "/metrics")):
+            with urllib.request.urlopen(f"https://{s.host}:{port}{path}", timeout=10, context=context) as r:
+                assert r.status == 200
+
+
 def test_down_never_stops_a_process_it_did_not_start(tmp_path):
     s = stack_settings(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
