@@ -47,8 +47,10 @@ CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
             "gradient_checkpointing")
-CLOSED_FORM_ONLY = ("align", "templates", "guide", "preserve", "erase_scale", "preserve_scale", "lamb", "push", "rounds",
-                    "robust_reg")
+CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg")
+# Settings of both kinds: the prompts a concept is erased in (with their guides) and the concepts held in place. An ESD
+# method given them erases inside the templates and adds a retain loss on the preserve prompts (esd-u-retain).
+PROMPT_SETTINGS = ("templates", "guide", "preserve", "preserve_scale")
 MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS = 64, 512, 10
 # Bounds on what one request may ask of a worker: ESD's paper runs 1000 iterations over 50 DDIM steps.
 MAX_ITERATIONS, MAX_DDIM_STEPS = 100_000, 1000
@@ -92,15 +94,17 @@ class EraseConfig:
     sample_steps: int | None = None   # fast only: at most this many DDIM jumps to reach x_t (None: every step)
     precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": where it pays
     gradient_checkpointing: bool = False
-    # Closed-form methods only (uce, uce-robust); None: the base's default for the method, else CLOSED_FORM_DEFAULTS
     concept_kind: str | None = None      # the request's kind (style, object, ...): picks per-kind defaults
+    # Both kinds; None: the base's default for the method, else CLOSED_FORM_DEFAULTS (ESD: none, the paper's loop)
     templates: list | None = None        # prompts containing "{concept}", or [prompt, guide prompt] pairs
                                          # (None: the concept alone)
     guide: str | None = None             # what the concept maps onto (the anchor, if given; else "": removed)
-    preserve: list[str] | None = None    # concepts whose keys and values must not move
+    preserve: list[str] | None = None    # concepts that must not move (closed form: their keys and values; ESD: their
+                                         # predictions, a retain loss)
+    preserve_scale: float | None = None  # how strongly the preserve prompts are held
+    # Closed-form methods only (uce, uce-robust); None: the base's default for the method, else CLOSED_FORM_DEFAULTS
     align: str | None = None             # "final": UCE's tokens (final word on); "concept": the concept's own too
     erase_scale: float | None = None
-    preserve_scale: float | None = None
     lamb: float | None = None            # how strongly the weights stay where they were
     push: float | None = None            # 0: map onto the guide; > 0: past it, away from the concept
     rounds: int | None = None            # hardening rounds against recovered embeddings (uce-robust: 2)
@@ -128,7 +132,7 @@ class EraseConfig:
         if self.anchor is not None:
             self.anchor = validate_concept(self.anchor, "anchor")
         methods.get(self.method)
-        self._validate_closed_form()
+        self._validate_settings()
         for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -157,33 +161,43 @@ class EraseConfig:
         # A default may be given per request kind: {"style": ..., "object": ..., "*": ...}
         own = {k: (v.get(self.concept_kind, v.get("*")) if isinstance(v, dict) else v) for k, v in own.items()}
         own = {k: v for k, v in own.items() if v is not None}
+        if self.preserve is None and own.get("preserve"):
+            # a default preservation set never holds the concept being erased
+            erased = {normal_concept(c) for c in self.concepts}
+            own["preserve"] = [p for p in own["preserve"] if normal_concept(p) not in erased]
         if method.kind == "closed-form":
-            if self.preserve is None and own.get("preserve"):
-                # a default preservation set never holds the concept being erased
-                erased = {normal_concept(c) for c in self.concepts}
-                own["preserve"] = [p for p in own["preserve"] if normal_concept(p) not in erased]
             for name, value in (CLOSED_FORM_DEFAULTS | method.defaults | own).items():
-                if getattr(self, name, None) is None and name in CLOSED_FORM_ONLY:
+                if getattr(self, name, None) is None and name in CLOSED_FORM_ONLY + PROMPT_SETTINGS:
                     setattr(self, name, value)
             self.guide = self.anchor if self.anchor is not None else (self.guide or "")
             return self.validate()
         for name, value in (PAPER_DEFAULTS | method.defaults | own).items():
             if getattr(self, name, None) is None and name in self.__dataclass_fields__ and name not in CLOSED_FORM_ONLY:
                 setattr(self, name, value)
+        if self.prompted:
+            # ESD inside templates: each template's guide prompt takes the place of the unconditioned prediction
+            self.guide = self.anchor if self.anchor is not None else (self.guide or "")
+            if self.preserve and self.preserve_scale is None:
+                self.preserve_scale = CLOSED_FORM_DEFAULTS["preserve_scale"]
         if self.mode == "reference":
             self.sample_steps = None   # the paper's loop samples x_t with every DDIM step
         elif self.sample_steps is None:
             self.sample_steps = FAST_SAMPLE_STEPS
         return self.validate()
 
-    def _validate_closed_form(self) -> None:
+    @property
+    def prompted(self) -> bool:
+        """Whether an ESD run erases inside templates (or toward a guide) and holds preserve prompts, rather than the
+        paper's loop on the bare concept."""
+        return any(getattr(self, name) is not None for name in ("templates", "guide", "preserve"))
+
+    def _validate_settings(self) -> None:
         if self.kind != "closed-form":
             for name in CLOSED_FORM_ONLY:
                 if getattr(self, name) is not None:
                     raise EraseError(f"{name} applies to closed-form methods "
                                      f"({', '.join(n for n, m in methods.METHODS.items() if m.kind == 'closed-form')}),"
                                      f" not {self.method}")
-            return
         if self.templates is not None:
             if isinstance(self.templates, str) or not self.templates:
                 raise EraseError("templates must be a non-empty list of prompts containing {concept}")
@@ -215,7 +229,12 @@ class EraseConfig:
                     raise EraseError(f"preserve contains {p!r}, a concept being erased")
         if self.align is not None and self.align not in ("final", "concept"):
             raise EraseError(f"unknown align {self.align!r}; choose final or concept")
-        for name in ("erase_scale", "preserve_scale", "push"):
+        if self.preserve_scale is not None and not (isinstance(self.preserve_scale, (int, float))
+                                                    and math.isfinite(self.preserve_scale) and self.preserve_scale >= 0):
+            raise EraseError(f"preserve_scale must be a finite number >= 0, got {self.preserve_scale}")
+        if self.kind != "closed-form":
+            return
+        for name in ("erase_scale", "push"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise EraseError(f"{name} must be a finite number >= 0, got {value}")
@@ -230,7 +249,24 @@ class EraseConfig:
     def used(self) -> dict:
         """The settings this run's method uses (the manifest's hyperparameters)."""
         skip = {"concepts"} | set(CLOSED_FORM_ONLY if self.kind != "closed-form" else ESD_ONLY)
+        if self.kind != "closed-form" and not self.prompted:
+            skip |= set(PROMPT_SETTINGS)
         return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def fill(template: str, text: str) -> str:
+    """The template filled with text, whitespace collapsed (an empty guide leaves the template's other words)."""
+    return " ".join(template.replace("{concept}", text).split())
+
+
+def prompts(cfg: EraseConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(erase prompt, guide prompt, concept) for each concept and template, and (prompt, prompt, concept) for the
+    preserve prompts. A template is one prompt (its guide: the same prompt with the guide text) or a
+    [prompt, guide prompt] pair."""
+    pairs = [(t, t) if isinstance(t, str) else tuple(t) for t in (cfg.templates or ["{concept}"])]
+    erase = [(fill(t, c), fill(g, cfg.guide or ""), c) for c in cfg.concepts for t, g in pairs]
+    preserve = [(fill(t, p), fill(t, p), p) for p in (cfg.preserve or []) for t, _ in pairs]
+    return erase, preserve
 
 
 def base_folder(pipe) -> Path | None:
@@ -356,6 +392,10 @@ class Eraser:
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.mode == "fast" and _bf16_pays(self.unet))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
+        # A prompted run: the concepts in their templates with their guide prompts, and the preserve prompts
+        self.pairs, kept = prompts(self.cfg) if self.cfg.prompted else ([], [])
+        self.keep = [p for p, _, _ in kept] if self.cfg.preserve_scale else []
+
         self.unet.train()
         if cfg.mode == "reference":
             # As written in the paper's code: a second full UNet as the frozen teacher, classic attention,
@@ -374,10 +414,24 @@ class Eraser:
                 self.unet.enable_gradient_checkpointing()
         self.opt = torch.optim.Adam(self.params.values(), lr=cfg.lr)
 
+    def _prompts(self) -> list[str]:
+        """Every prompt a step may use: the concepts (in their templates, with their guide prompts), the anchor,
+        the preserve prompts, and the empty prompt."""
+        if not self.cfg.prompted:
+            return [""] + self.cfg.concepts + ([self.cfg.anchor] if self.cfg.anchor else [])
+        return list(dict.fromkeys([""] + [p for pair in self.pairs for p in pair[:2]] + self.keep))
+
     def _embeddings(self) -> dict[str, Cond]:
-        prompts = [""] + self.cfg.concepts + ([self.cfg.anchor] if self.cfg.anchor else [])
+        prompts = self._prompts()
         cond = conditioning(self.pipe, prompts)
         return {p: cond[i] for i, p in enumerate(prompts)}
+
+    def _conds(self, prompts: list[str]) -> list[Cond]:
+        """The conditioning of each prompt: computed once (fast) or every step, as the paper's loop does (reference)."""
+        if self.frozen is None:
+            return [self.embeddings[p] for p in prompts]
+        cond = conditioning(self.pipe, prompts)
+        return [cond[i] for i in range(len(prompts))]
 
     def _frozen_eps(self, x: torch.Tensor, t: int, embs: Cond) -> torch.Tensor:
         """The frozen model's noise predictions for each conditioning, batched, without a second UNet."""
@@ -402,42 +456,48 @@ class Eraser:
                 x = ddim_step(x, eps, t, t_prev, self.alphas)
         return x
 
+    def _pick(self, n: int) -> int:
+        return int(torch.randint(n, (1,), generator=self.gen))
+
     def step(self) -> float:
         cfg = self.cfg
-        # Draw the concept and the step at which x_t is taken (uniform over the DDIM steps)
-        c = int(torch.randint(len(cfg.concepts), (1,), generator=self.gen))
-        stop = int(torch.randint(cfg.ddim_steps, (1,), generator=self.gen))
-        t = self.timesteps[stop]
-        concept = cfg.concepts[c]
-        if self.frozen is None:
-            emb_c, emb_0 = self.embeddings[concept], self.embeddings[""]
-            emb_a = self.embeddings[cfg.anchor] if cfg.anchor else None
+        # Draw the concept (in one of its templates, with its guide prompt) and the step at which x_t is taken
+        # (uniform over the DDIM steps); a prompted run also draws a preserve prompt
+        if cfg.prompted:
+            concept, reference, _ = self.pairs[self._pick(len(self.pairs))]
         else:
-            cond = conditioning(self.pipe, ["", concept] + ([cfg.anchor] if cfg.anchor else []))
-            emb_0, emb_c = cond[0], cond[1]
-            emb_a = cond[2] if cfg.anchor else None
+            concept, reference = cfg.concepts[self._pick(len(cfg.concepts))], cfg.anchor
+        stop = self._pick(cfg.ddim_steps)
+        t = self.timesteps[stop]
+        kept = [self.keep[self._pick(len(self.keep))]] if self.keep else []
+        emb_0, emb_c, *rest = self._conds(["", concept] + ([reference] if reference is not None else []) + kept)
+        emb_r = rest[0] if reference is not None else None
+        emb_k = rest[-1] if kept else None
 
         # Sample x_t with the model being trained, guided by the concept
         x = self._sample_x_t(emb_c, emb_0, stop)
 
-        # Frozen model: unconditional (or anchor) and conditional noise predictions
+        # Frozen model: unconditional, conditional, reference (anchor or guide prompt) and preserve predictions
+        frozen = [emb_0, emb_c] + [e for e in (emb_r, emb_k) if e is not None]
         if self.frozen is None:
-            embs = Cond.cat([emb_0, emb_c] + ([emb_a] if emb_a is not None else []))
-            eps_0, eps_c, *eps_a = self._frozen_eps(x, t, embs)
+            eps = list(self._frozen_eps(x, t, Cond.cat(frozen)))
         else:
             with torch.no_grad():
-                eps_0 = self.frozen(x, t, **emb_0.kwargs()).sample
-                eps_c = self.frozen(x, t, **emb_c.kwargs()).sample
-                eps_a = [self.frozen(x, t, **emb_a.kwargs()).sample[0]] if emb_a is not None else []
-            eps_0, eps_c = eps_0[0], eps_c[0]
-        eps_0, eps_c, *eps_a = (as_noise(e, x[0], self.alphas[t], self.prediction) for e in [eps_0, eps_c, *eps_a])
-        # Target: the frozen prediction guided away from the concept (Eq. 7)
-        target = esd_target(eps_0, eps_c, cfg.eta, eps_a[0] if eps_a else None)
+                eps = [self.frozen(x, t, **e.kwargs()).sample[0] for e in frozen]
+        eps_0, eps_c, *more = (as_noise(e, x[0], self.alphas[t], self.prediction) for e in eps)
+        eps_r = more[0] if emb_r is not None else None
+        # Target: the frozen prediction guided away from the concept (Eq. 7); inside a template, away from the concept
+        # relative to its guide prompt (the template's other words keep their meaning)
+        target = esd_target(eps_r, eps_c, cfg.eta) if cfg.prompted else esd_target(eps_0, eps_c, cfg.eta, eps_r)
 
-        # Prediction of the model being trained, for the concept, and the MSE step
+        # Prediction of the model being trained, for the concept (and the preserve prompt: held to the frozen one)
+        trained = Cond.cat([emb_c] + ([emb_k] if emb_k is not None else []))
         with self.autocast:
-            pred = as_noise(self.unet(x, t, **emb_c.kwargs()).sample.float()[0], x[0], self.alphas[t], self.prediction)
-        loss = F.mse_loss(pred, target)
+            out = self.unet(x.expand(len(trained), -1, -1, -1), t, **trained.kwargs()).sample.float()
+        pred = [as_noise(o, x[0], self.alphas[t], self.prediction) for o in out]
+        loss = F.mse_loss(pred[0], target)
+        if emb_k is not None:
+            loss = loss + cfg.preserve_scale * F.mse_loss(pred[1], more[-1])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -48,6 +48,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("esd-x-strict", "cross-attention keys and values only (attn2.to_k, attn2.to_v)", _xattn_kv),
     Method("esd-u", "everything but cross-attention and the time embedding: global erasure; for objects, nudity",
            _unconditioned, benchmarked=True),
+    Method("esd-u-retain", "ESD-u inside templates, away from the concept toward each template's guide, with a retain "
+           "loss holding the preserve prompts to the frozen model's predictions", _unconditioned, benchmarked=True),
     Method("esd-all", "every UNet parameter", lambda n: True),
     Method("selfattn", "self-attention (attn1)", lambda n: ".attn1." in n),
     Method("uce", "closed form: cross-attention key/value weights map the concept onto a guide (UCE)",

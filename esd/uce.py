@@ -43,24 +43,9 @@ from esd import delta as delta_lib
 from esd import methods
 from esd.models import prediction_type
 from esd.erase import (EraseConfig, EraseError, delta_dtype, encode, finish_delta, model_defaults, normal_concept,
-                       start_from)
+                       prompts, start_from)
 
 CHUNK = 64   # prompts per text-encoder batch
-
-
-def fill(template: str, text: str) -> str:
-    """The template filled with text, whitespace collapsed (an empty guide leaves the template's other words)."""
-    return " ".join(template.replace("{concept}", text).split())
-
-
-def prompts(cfg: EraseConfig) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
-    """(erase prompt, guide prompt, concept) for each concept and template, and (prompt, prompt, concept) for the
-    preserve prompts. A template is one prompt (its guide: the same prompt with the guide text) or a
-    [prompt, guide prompt] pair."""
-    pairs = [(t, t) if isinstance(t, str) else tuple(t) for t in (cfg.templates or ["{concept}"])]
-    erase = [(fill(t, c), fill(g, cfg.guide or ""), c) for c in cfg.concepts for t, g in pairs]
-    preserve = [(fill(t, p), fill(t, p), p) for p in (cfg.preserve or []) for t, _ in pairs]
-    return erase, preserve
 
 
 def _span(ids: list[int], words: list[int]) -> range:

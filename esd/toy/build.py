@@ -31,6 +31,7 @@ ESD_DEFAULTS = {
     "esd-all": {"iterations": 300, "lr": 1e-5, "eta": 10.0},
     "selfattn": {"iterations": 300, "lr": 1e-4, "eta": 10.0},
 }
+ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 10.0, "sample_steps": 4, "preserve_scale": 1.0}
 
 
 def closed_form_defaults() -> dict:
@@ -62,7 +63,11 @@ def closed_form_defaults() -> dict:
 
 def erase_defaults() -> dict:
     cf = closed_form_defaults()
-    return ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust")}
+    # esd-u-retain erases in the same method-visible templates, toward the same guides, and holds the same
+    # preservation concepts (its retain set)
+    prompted = {k: cf[k] for k in ("templates", "preserve")}
+    return (ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust")}
+            | {"esd-u-retain": ESD_RETAIN | prompted})
 
 
 # The noise schedule of Stable Diffusion 1.x.

@@ -2,6 +2,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from esd import methods
 from esd.cli import app
 from esd.erase import EraseConfig, EraseError, Eraser, erase, esd_target
 from esd.models import load_pipeline
@@ -44,6 +45,55 @@ def test_fast_and_reference_compute_the_same_loss(tiny_sd):
             eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, anchor=anchor))
             losses.append(eraser.step())
         assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-7)
+
+
+RETAIN = dict(method="esd-u-retain", templates=[["a red {concept}", "a red shape"], "a {concept} by the sea"],
+              preserve=["square", "triangle"])
+
+
+def test_a_retain_run_changes_only_its_rows_parameters_same_seed_same_delta(tiny_sd):
+    a = erase(load_pipeline(tiny_sd), tiny_cfg(**RETAIN), progress=False)
+    b = erase(load_pipeline(tiny_sd), tiny_cfg(**RETAIN), progress=False)
+    c = erase(load_pipeline(tiny_sd), tiny_cfg(**RETAIN, seed=1), progress=False)
+    assert a.manifest["tensors_sha256"] == b.manifest["tensors_sha256"] != c.manifest["tensors_sha256"]
+    u = set(methods.select(load_pipeline(tiny_sd).unet, "esd-u"))
+    assert a.tensors and set(a.tensors) <= u
+    assert a.manifest["hyperparameters"]["preserve"] == ["square", "triangle"]
+
+
+def test_a_retain_run_uses_its_templates_guides_and_preserve_prompts(tiny_sd):
+    eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(**RETAIN))
+    assert [p[:2] for p in eraser.pairs] == [("a red circle", "a red shape"), ("a circle by the sea", "a by the sea")]
+    assert eraser.keep == ["a red square", "a square by the sea", "a red triangle", "a triangle by the sea"]
+    assert set(eraser.embeddings) == {"", "a red circle", "a red shape", "a circle by the sea", "a by the sea"} | set(
+        eraser.keep)
+    # preserve_scale 0 drops the retain term: only the erase prompts are trained
+    assert Eraser(load_pipeline(tiny_sd), tiny_cfg(**RETAIN, preserve_scale=0.0)).keep == []
+
+
+def test_the_retain_loss_holds_the_preserve_prompts_closer_than_plain_esd_u():
+    from esd.models import conditioning
+    from esd.toy import BASE_DIR
+
+    def drift(**kw):
+        pipe = load_pipeline(BASE_DIR)
+        x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+        cond = conditioning(pipe, ["a red square", "a blue triangle", "a picture of a green square", "a yellow triangle"])
+        with torch.no_grad():
+            before = pipe.unet(x, 500, encoder_hidden_states=cond.hidden).sample
+        erase(pipe, EraseConfig(["circle"], concept_kind="object", iterations=20, lr=1e-4, **kw), progress=False)
+        with torch.no_grad():
+            return (pipe.unet(x, 500, encoder_hidden_states=cond.hidden).sample - before).pow(2).mean().item()
+
+    # the toy's defaults for esd-u-retain: its object templates and the preservation shapes square and triangle
+    plain = drift(method="esd-u", templates=[["a red {concept}", "a red shape"]])
+    held = drift(method="esd-u-retain")
+    assert 0 < held < 0.2 * plain, (held, plain)
+
+
+def test_fast_and_reference_compute_the_same_retain_loss(tiny_sd):
+    losses = [Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, **RETAIN)).step() for mode in ("reference", "fast")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-7)
 
 
 def test_fast_mode_holds_no_second_unet(tiny_sd):

@@ -124,8 +124,12 @@ def test_bad_input_is_refused_in_one_line(kw, message):
 
 
 def test_closed_form_settings_are_refused_for_esd_and_resolved_for_uce():
-    with pytest.raises(EraseError, match="preserve applies to closed-form methods"):
-        EraseConfig(["circle"], method="esd-x", preserve=["square"]).validate()
+    with pytest.raises(EraseError, match="lamb applies to closed-form methods"):
+        EraseConfig(["circle"], method="esd-x", lamb=0.2).validate()
+    # the prompt settings serve both kinds: an ESD run given them erases in templates and holds a retain set
+    prompted = EraseConfig(["circle"], method="esd-u", preserve=["square"]).resolve()
+    assert prompted.prompted and (prompted.guide, prompted.preserve_scale) == ("", 1.0)
+    assert prompted.used()["preserve"] == ["square"] and "lamb" not in prompted.used()
     base = {"*": {"sample_steps": 10, "lamb": 0.2}, "uce": {"templates": ["a {concept}"], "iterations": 7},
             "uce-robust": {"preserve_scale": 3.0}}
     cfg = EraseConfig(["circle"], method="uce", anchor="shape").resolve(base)
