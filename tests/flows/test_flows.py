@@ -174,6 +174,24 @@ def test_promote_from_the_command_line_promotes_held_requests(platform, vela):
     assert (last["to"], last["actor"]) == (version, ops.name)
 
 
+def test_an_operator_flow_records_itself_not_a_name_passed_in(platform):
+    import inspect
+
+    from flows.deploy import prefect_api
+    from flows.operator import promote, rollback, withdraw
+    from flows.requests import Request
+
+    assert not any("actor" in inspect.signature(f.fn).parameters for f in (promote, rollback, withdraw))
+    req, _ = platform.requests.file(Request(concept="square", kind="object", model="toy-sd",
+                                            request_id="req-flow-withdrawn").validate())
+    with prefect_api(platform.settings.prefect_api):
+        withdraw(req.request_id, "duplicate of an earlier request")
+    req = platform.requests.require("req-flow-withdrawn")
+    assert req.status == "withdrawn"
+    last = platform.requests.history(req.request_id)[-1]
+    assert last["reason"] == "flow:withdraw: duplicate of an earlier request", last
+
+
 def test_the_reaper_fails_requests_whose_run_is_dead(platform, vela):
     from flows.requests import Request
 
