@@ -159,7 +159,7 @@ def platform_env(settings: Settings) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def full_stack(tmp_path_factory) -> Iterator[Settings]:
     """Every service, deployments applied, the committed toy base registered as toy-sd; started once for the
-    suites that need Prefect (tests/faults, tests/flows). Modules enter `platform_env` while they use it."""
+    suites that need Prefect (tests/faults, tests/flows). Modules use it through `platform`."""
     from esd.toy import BASE_DIR
     from flows import deploy
     from flows.cli import ensure_base
@@ -176,3 +176,13 @@ def full_stack(tmp_path_factory) -> Iterator[Settings]:
         yield settings
     finally:
         stack_lib.down(settings)
+
+
+@pytest.fixture(scope="module")
+def platform(full_stack):
+    """The whole platform as a module's tests see it: Platform(Settings()) read from `platform_env`, which stays
+    entered for the module (the CLI and flows called in-process read their settings from the environment)."""
+    from flows.platform import Platform
+
+    with environ(platform_env(full_stack)):
+        yield Platform(Settings())

@@ -16,20 +16,17 @@ from pathlib import Path
 import pytest
 from mlflow.entities import ViewType
 from flows.cli import invoke
-from tests.conftest import environ, platform_env
+from tests.conftest import environ
 EXISTING = "req-bad-input-existing"
 
 
 @pytest.fixture(scope="module")
-def platform(full_stack, tmp_path_factory):
-    from flows.platform import Platform
+def platform(platform):
+    """The shared platform, with one request on file (the cases that refer to an existing request use it)."""
     from flows.requests import Request
-    from infra.settings import Settings
 
-    with environ(platform_env(full_stack)):
-        p = Platform(Settings())
-        p.requests.file(Request("circle", "object", "toy-sd", request_id=EXISTING).validate())
-        yield p
+    platform.requests.file(Request("circle", "object", "toy-sd", request_id=EXISTING).validate())
+    return platform
 
 
 def snapshot(platform) -> tuple:

@@ -12,27 +12,16 @@ import subprocess
 import time
 import uuid
 
-import pytest
 from typer.testing import CliRunner
 
 from flows.cli import build_app
 from flows.requests import Request
 from infra import stack as stack_lib
-from tests.conftest import environ, platform_env
 from tests.faults.conftest import audit
 
 APP = build_app()
 # A slow erasure, so that a fault lands inside it.
 SLOW = {"iterations": 3000}
-
-
-@pytest.fixture(scope="module")
-def platform(full_stack):
-    from flows.platform import Platform
-    from infra.settings import Settings
-
-    with environ(platform_env(full_stack)):
-        yield Platform(Settings())
 
 
 def new_line(platform) -> str:

@@ -9,16 +9,6 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import environ, platform_env
-
-
-@pytest.fixture(scope="module")
-def platform(full_stack):
-    from flows.platform import Platform
-    from infra.settings import Settings
-
-    with environ(platform_env(full_stack)):
-        yield Platform(Settings())
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import build_app
-from tests.conftest import environ, platform_env
 
 CONCEPT = "Vela Moreau"
 APP = build_app()
@@ -29,15 +28,6 @@ def esd(*args: str, env: dict | None = None):
 
 def last_json(result) -> dict:
     return json.loads(result.output.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def platform(full_stack):
-    from flows.platform import Platform
-    from infra.settings import Settings
-
-    with environ(platform_env(full_stack)):     # the CLI reads Settings() from the environment
-        yield Platform(Settings())
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import environ, platform_env
 
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def platform(full_stack):
-    from flows.platform import Platform
-    from infra.settings import Settings
-
-    with environ(platform_env(full_stack)):
-        yield Platform(Settings())
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import build_app
-from tests.conftest import environ, platform_env
 
 APP = build_app()
-
-
-@pytest.fixture(scope="module")
-def platform(full_stack):
-    from flows.platform import Platform
-    from infra.settings import Settings
-
-    with environ(platform_env(full_stack)):
-        yield Platform(Settings())
 
 
 def test_every_socket_the_stack_opened_refuses_an_anonymous_request(full_stack):
