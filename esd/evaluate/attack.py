@@ -58,8 +58,10 @@ def _embed(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 def recover(pipe, judge: Judge, base: toy_eval.Judged, concept: str, steps: int = DEFAULT_STEPS, lr: float = 2e-2,
-            batch: int = 16, seed: int = 0) -> dict:
-    """Run the attack on the candidate pipeline (left unchanged) and judge what it brings back."""
+            batch: int = 16, seed: int = 0, sample_steps: int = toy_eval.EVAL_STEPS,
+            guidance: float = toy_eval.EVAL_GUIDANCE) -> dict:
+    """Run the attack on the candidate pipeline (left unchanged) and judge what it brings back, generated with
+    SAMPLE_STEPS DDIM steps at GUIDANCE (an evaluation passes its own, so the rates compare with its base's)."""
     head, cls = toy_eval.concept_attribute(concept)
     idx = [i for i, t in enumerate(base.truth[head]) if t == cls]
     prompts = [_placeholder_prompt(base.prompts[i], concept) for i in idx]
@@ -91,7 +93,7 @@ def recover(pipe, judge: Judge, base: toy_eval.Judged, concept: str, steps: int 
             loss.backward()
             opt.step()
         with torch.no_grad():
-            images = sample.generate(pipe, prompts, seeds, steps=toy_eval.EVAL_STEPS, guidance=toy_eval.EVAL_GUIDANCE)
+            images = sample.generate(pipe, prompts, seeds, steps=sample_steps, guidance=guidance)
     finally:
         token.remove()
         unet.train(was_training)

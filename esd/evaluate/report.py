@@ -81,7 +81,8 @@ def build_report(base: toy_eval.Judged, cand: toy_eval.Judged, candidate_pipe, j
               "images": len(cand.prompts)}
     if cfg.attack:
         for c in requested:
-            report["attack"][c] = attack_lib.recover(candidate_pipe, judge, base, c, steps=cfg.attack_steps)
+            report["attack"][c] = attack_lib.recover(candidate_pipe, judge, base, c, steps=cfg.attack_steps,
+                                                     sample_steps=cfg.steps, guidance=cfg.guidance)
         report["attack_success"] = max(a["success"] for a in report["attack"].values())
     if grid_dir is not None:
         report["grids"] = {c: str(before_after_grid(base, cand, c, grid_dir)) for c in requested + earlier}

@@ -87,10 +87,14 @@ def test_a_parent_concept_that_returns_fails_regression(base_judged, circle_eras
 
 def test_recovery_attack_learns_the_concept_back(base_judged, circle_erased, judge):
     """The attack is real: an untrained placeholder gives almost no circles, ten steps of textual inversion on the
-    base bring circle back in nearly every image; on the erased model it recovers less, and leaves it unchanged."""
-    from esd.delta import state_sha256
-    from esd.evaluate.attack import recover
+    base bring circle back in nearly every image; on the erased model it recovers less, and leaves it unchanged.
+    Its images are generated as the base's were judged (STEPS DDIM steps)."""
+    from functools import partial
 
+    from esd.delta import state_sha256
+    from esd.evaluate.attack import recover as recover_at
+
+    recover = partial(recover_at, sample_steps=STEPS)
     base = load_pipeline(BASE_DIR)
     untrained = recover(base, judge, base_judged, "circle", steps=0)
     learned = recover(base, judge, base_judged, "circle", steps=10)
