@@ -62,7 +62,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _xattn_kv_weights, kind="closed-form", defaults={"align": "concept", "rounds": 2}, benchmarked=True),
 ]}
 
-DEFAULT_BY_KIND = {"style": "uce-tokens", "object": "uce-tokens", "nudity": "esd-u", "custom": "esd-u"}
+DEFAULT_BY_KIND = {"style": "uce-tokens", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
 
 
 class MethodError(ValueError):

@@ -31,7 +31,7 @@ ESD_DEFAULTS = {
     "esd-all": {"iterations": 300, "lr": 1e-5, "eta": 10.0},
     "selfattn": {"iterations": 300, "lr": 1e-4, "eta": 10.0},
 }
-ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 10.0, "sample_steps": 4, "preserve_scale": 1.0}
+ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 10.0, "sample_steps": 4, "preserve_scale": 3.0}
 
 
 def closed_form_defaults() -> dict:

@@ -48,14 +48,15 @@ def test_the_style_default_erases_an_artist_and_keeps_the_others(base_judged, ju
     assert after["ira"] >= 0.85 and after["cra"] >= 0.85
 
 
-def test_the_object_default_erases_circle_and_keeps_colors_and_styles(base_judged, circle_erased, judge):
-    # Other shapes are not asserted: on this world the object erasure is entangled with the held-out shapes
-    # (their IRA is in the README's table), as UnlearnCanvas reports for UCE and ESD on SD 1.5.
+def test_the_object_default_erases_circle_and_keeps_the_other_shapes_colors_and_styles(base_judged, circle_erased,
+                                                                                       judge):
     pipe, _ = circle_erased
     erased = toy_eval.judge_model(pipe, judge, steps=STEPS)
     cmp = toy_eval.compare(base_judged, erased, "circle")
     assert cmp["target_base"] - cmp["target_erased"] >= 0.90
-    assert toy_eval.unlearning(erased, "circle")["cra"] >= 0.90
+    after = toy_eval.unlearning(erased, "circle")
+    # the held-out shapes (cross, diamond, heart: never in the method's preservation set) are kept
+    assert after["ira"] >= 0.85 and after["cra"] >= 0.75, after
 
 
 def test_the_base_submitted_as_erased_fails_the_gate(base_judged, judge):
