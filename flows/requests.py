@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from mlflow.entities import Param, RunStatus
+from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from esd.erase import EraseError, validate_concept
@@ -181,12 +181,11 @@ class Requests:
             if status != req.status and status not in MOVES[req.status]:
                 raise RequestError(f"request {request_id} is {req.status}; it cannot become {status}")
             fields["status"] = status
-        for k, v in fields.items():
-            if v is not None:
-                self.client.set_tag(req.run_id, f"esd.{k}", str(v))
+        tags = {f"esd.{k}": str(v) for k, v in fields.items() if v is not None}
         if status is not None and status != req.status:
-            for k, v in _event(status, fields.get("reason")).items():
-                self.client.set_tag(req.run_id, k, v)
+            tags |= _event(status, fields.get("reason"))
+        if tags:        # one write: the status, its fields and its event land together
+            self.client.log_batch(req.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if status in FINAL:
             self.client.set_terminated(req.run_id, RunStatus.to_string(FINAL[status]))
         after = self.require(request_id)
