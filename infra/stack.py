@@ -49,6 +49,7 @@ class Service:
     cwd: Callable[[Settings], Path] = lambda s: s.home
     health: Callable[[Settings], bool] | None = None      # instead of an HTTP answer at health_url
     auth: Callable[[Settings], bool] | None = None        # whether its API refuses an anonymous request
+    stop_again_s: float | None = None   # still running this long after SIGTERM: a second SIGTERM (see stop_group)
 
     def healthy(self, s: Settings) -> bool:
         return self.health(s) if self.health is not None else healthy(self.health_url(s))
@@ -247,10 +248,13 @@ PREFECT_SERVER = Service(
     health_url=lambda s: f"{s.prefect_api}/health", command=prefect_server.server_command, env=prefect_server.server_env,
     auth=lambda s: _anonymous_refused(s.prefect_api.removesuffix("/api"), "prefect-server"))
 
+# A process worker answers SIGTERM with a SIGINT to itself, on which, after it has run flows, it now and then never
+# exits (`stack down` then waited its 30 s for it); Prefect's handler takes a second SIGTERM as SIGKILL. Its flow
+# runs are in sessions of their own: neither signal reaches them.
 PREFECT_WORKER = Service(
     name="prefect-worker", local=lambda s: s.worker, address=lambda s: f"pool {s.work_pool}",
     health_url=lambda s: "", health=prefect_server.worker_online, command=prefect_server.worker_command,
-    env=prefect_server.worker_env, external=False)
+    env=prefect_server.worker_env, external=False, stop_again_s=5)
 
 def _esd_command() -> str:
     """The project's `esd` console script beside this interpreter (the API runs as `esd api`)."""
@@ -432,13 +436,26 @@ def _stop(s: Settings, name: str, timeout: float = 30) -> bool:
     _pid_file(s, name).unlink(missing_ok=True)
     if pid is None:
         return False
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _group_alive(pid):
-        if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
-        time.sleep(0.2)
+    stop_group(pid, timeout, next(svc for svc in SERVICES if svc.name == name).stop_again_s)
     return True
+
+
+def stop_group(pgid: int, timeout: float = 30, again_after: float | None = None) -> None:
+    """SIGTERM the process group PGID and wait until it is gone: SIGTERM once more after AGAIN_AFTER seconds if given,
+    SIGKILL after TIMEOUT."""
+    os.killpg(pgid, signal.SIGTERM)
+    start = time.monotonic()
+    while _group_alive(pgid):
+        waited = time.monotonic() - start
+        try:
+            if again_after is not None and waited > again_after:
+                os.killpg(pgid, signal.SIGTERM)
+                again_after = None
+            if waited > timeout:
+                os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:      # gone meanwhile
+            return
+        time.sleep(0.2)
 
 
 # --- the stack -----------------------------------------------------------------------------------------------

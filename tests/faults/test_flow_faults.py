@@ -150,8 +150,8 @@ def test_two_takedowns_on_one_model_with_two_workers(platform, full_stack, ledge
         runs = [submit(platform, model, "Vela Moreau", "style"), submit(platform, model, "circle", "object")]
         statuses = [wait_for(lambda r=r: finished(platform, *r), timeout=300) for r in runs]
     finally:
-        os.killpg(second.pid, signal.SIGTERM)
-        second.wait(30)
+        stack_lib.stop_group(second.pid, again_after=stack_lib.PREFECT_WORKER.stop_again_s)      # as `stack down`
+        second.wait(5)
     assert statuses == ["promoted", "promoted"], [platform.requests.require(r).reason for r, _ in runs]
     from registry.aliases import current
     from registry.versions import show
