@@ -50,7 +50,7 @@ def submit(platform, model: str, concept: str = "Vela Moreau", kind: str = "styl
     return req.request_id, str(run.id)
 
 
-def wait_for(what, timeout: float = 240, poll: float = 2.0):
+def wait_for(what, timeout: float = 240, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = what()

@@ -51,7 +51,7 @@ def promoted(api, platform, line) -> dict:
         status = api.get(got["status_url"], params={"token": got["status_token"]}).json()
         if status["status"] in ("promoted", "held", "failed"):
             break
-        time.sleep(2)
+        time.sleep(0.5)
     return got | {"status": status, "key": key}
 
 

@@ -1,7 +1,8 @@
-"""End to end: a real Prefect server and process worker, MLflow server and SeaweedFS, started once for this
-module; the committed toy base registered as toy-sd; takedowns run by the worker exactly as in production.
+"""End to end: a real Prefect server and process worker, MLflow server and SeaweedFS, started once per test run
+(tests/conftest.py); the committed toy base registered as toy-sd; takedowns run by the worker exactly as in
+production.
 
-Orchestration is under test here, not erasure quality: the worker evaluates with a small budget (4 DDIM steps)
+Orchestration is under test here, not erasure quality: the worker evaluates with a small budget (2 DDIM steps)
 and a permissive gate. The engine tests and `esd bench quality` measure quality; tests/flows/test_gate.py the gate.
 Every test can run alone: what it needs comes from fixtures, and what it moves it puts back.
 """

@@ -93,7 +93,7 @@ def test_an_artist_opts_out_and_an_operator_decides_in_the_browser(browser, full
         text = browser.find_element(By.CSS_SELECTOR, "[role=status]").text
         if text.startswith(("Done.", "A person is reviewing", "Something went wrong")):
             break
-        time.sleep(3)
+        time.sleep(1)
     assert text.startswith(("Done.", "A person is reviewing")), text
     assert not browser.find_elements(By.CSS_SELECTOR, "meta[http-equiv=refresh]")   # final: it stops refreshing
     assert len(browser.find_elements(By.CSS_SELECTOR, "main table tbody tr")) >= 3    # each step, with its time
