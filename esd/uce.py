@@ -156,15 +156,20 @@ def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]
     return e, preserve
 
 
-def lineage_configs(parent: delta_lib.Delta | None) -> list[EraseConfig] | None:
+def lineage_configs(parent: delta_lib.Delta | None, edited: list[str]) -> list[EraseConfig] | None:
     """The closed-form erasures a parent delta was made of, as configs, so that a new one re-solves them all from the
-    base at once; None when the parent holds another kind of erasure (the new edit then starts from its weights)."""
+    base at once. A trained erasure whose parameters are none of the `edited` ones (ESD-u beside the key/value
+    projections) is left as it stands; None when one changed them too (the new edit then starts from its weights)."""
     if parent is None:
         return []
     configs = []
     for e in parent.manifest.get("erasures", []):
         hp = e.get("hyperparameters")
-        if hp is None or methods.get(e["method"]).kind != "closed-form":
+        method = methods.get(e["method"]) if e.get("method") in methods.METHODS else None
+        if hp is not None and method is not None and method.kind != "closed-form" \
+                and not any(method.selects(n) for n in edited):
+            continue
+        if hp is None or method is None or method.kind != "closed-form":
             return None
         known = {k: v for k, v in hp.items() if k in EraseConfig.__dataclass_fields__ and k != "concepts"}
         configs.append(EraseConfig(list(e["concepts"]), **(known | {"method": e["method"]})))
@@ -198,8 +203,9 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
         base_state.setdefault(n, p.detach().clone())
     # Erasures stack by solving again, from the base weights, for every closed-form erasure of the lineage at once:
     # composing one solve on top of another would carry each edit's drift into the next (measured: one style then
-    # one shape takes the untouched artists to 0%). Otherwise the edit starts from the parent's weights.
-    earlier = lineage_configs(parent)
+    # one shape takes the untouched artists to 0%). Erasures trained elsewhere in the UNet stay as they are; one
+    # trained on these projections makes the edit start from the parent's weights.
+    earlier = lineage_configs(parent, list(params))
     joint = earlier is not None
     start = {n: (base_state[n] if joint else p.detach()) for n, p in params.items()}
     weights = {n: w.to("cpu", torch.float64) for n, w in start.items()}

@@ -177,6 +177,29 @@ def test_stacked_closed_form_edits_are_solved_together_from_the_base(tiny_sd):
                                                                                     (["square"], ["triangle"])]
 
 
+def test_a_trained_erasure_beside_the_projections_does_not_stop_the_joint_solve(tiny_sd):
+    """An ESD-u erasure between two closed-form ones (a shape between two artists) leaves the key/value projections
+    alone, so the second closed-form erasure still solves both from the base and the ESD-u tensors stay as trained;
+    an erasure that trained the projections makes the next edit start from its weights."""
+    first = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce", preserve=["triangle"]),
+                  progress=False)
+    trained = erase(load_pipeline(tiny_sd), EraseConfig(["triangle"], method="esd-u", iterations=1, ddim_steps=2,
+                                                        lr=1e-3), parent=first, progress=False)
+    stacked = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce", preserve=["triangle"]),
+                    parent=trained, progress=False)
+    both = erase(load_pipeline(tiny_sd), EraseConfig(["circle", "square"], method="uce", preserve=["triangle"]),
+                 progress=False)
+    assert set(both.tensors) < set(stacked.tensors)
+    assert all(torch.allclose(stacked.tensors[k], both.tensors[k], atol=1e-6) for k in both.tensors)
+    moved = [k for k in trained.tensors if k not in first.tensors]
+    assert moved and all(torch.equal(stacked.tensors[k], trained.tensors[k]) for k in moved)
+    on_kv = erase(load_pipeline(tiny_sd), EraseConfig(["triangle"], method="esd-x-strict", iterations=1,
+                                                      ddim_steps=2, lr=1e-3), parent=first, progress=False)
+    composed = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce", preserve=["triangle"]),
+                     parent=on_kv, progress=False)
+    assert not all(torch.allclose(composed.tensors[k], both.tensors[k], atol=1e-6) for k in both.tensors)
+
+
 def test_delta_is_kept_in_the_bases_storage_dtype(tmp_path):
     from tests.conftest import build_tiny_sd
 
