@@ -31,7 +31,7 @@ ESD_DEFAULTS = {
     "esd-all": {"iterations": 300, "lr": 1e-5, "eta": 10.0},
     "selfattn": {"iterations": 300, "lr": 1e-4, "eta": 10.0},
 }
-ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 10.0, "sample_steps": 4, "preserve_scale": 3.0}
+ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 3.0, "sample_steps": 4, "preserve_scale": 3.0}
 
 
 def closed_form_defaults() -> dict:
@@ -58,7 +58,7 @@ def closed_form_defaults() -> dict:
             for i, a in enumerate(world.PRESERVE_ARTISTS) for t in visible]
     return {"templates": {"style": style, "object": obj},
             "preserve": {"style": list(world.PRESERVE_ARTISTS), "object": list(world.PRESERVE_SHAPES)},
-            "push": {"style": 0.0, "object": 0.3}}
+            "push": {"style": 0.0, "object": 0.3}, "preserve_scale": {"style": 10.0, "object": 1.0}}
 
 
 def erase_defaults() -> dict:

@@ -92,6 +92,14 @@ def test_the_bases_method_defaults_hold_no_held_out_prompt_or_concept():
                     assert not world.in_held_out_template(filled), t
 
 
+def test_the_committed_method_defaults_are_what_the_build_writes():
+    """esd_defaults.json beside the committed base is the build's erase_defaults(), so a default changed in
+    esd/toy/build.py cannot be left unwritten (or the other way round)."""
+    from esd.toy.build import erase_defaults
+
+    assert json.loads((BASE_DIR / "esd_defaults.json").read_text()) == json.loads(json.dumps(erase_defaults()))
+
+
 @pytest.mark.parametrize("concept,method", [("Vela Moreau", "uce-robust"), ("circle", "uce"), ("Ines Calder", "uce"),
                                             ("Vela Moreau", "esd-x")])
 def test_an_erasure_never_sees_a_held_out_prompt_or_concept(concept, method):
