@@ -165,12 +165,13 @@ def lineage_configs(parent: delta_lib.Delta | None, edited: list[str]) -> list[E
     configs = []
     for e in parent.manifest.get("erasures", []):
         hp = e.get("hyperparameters")
-        method = methods.get(e["method"]) if e.get("method") in methods.METHODS else None
-        if hp is not None and method is not None and method.kind != "closed-form" \
-                and not any(method.selects(n) for n in edited):
-            continue
-        if hp is None or method is None or method.kind != "closed-form":
+        method = methods.METHODS.get(e.get("method"))
+        if hp is None or method is None:
             return None
+        if method.kind != "closed-form":
+            if any(method.selects(n) for n in edited):
+                return None
+            continue
         known = {k: v for k, v in hp.items() if k in EraseConfig.__dataclass_fields__ and k != "concepts"}
         configs.append(EraseConfig(list(e["concepts"]), **(known | {"method": e["method"]})))
     return configs

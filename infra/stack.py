@@ -424,19 +424,19 @@ def _wait_healthy(s: Settings, svc: Service, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not svc.healthy(s):
         if running_pid(s, svc.name) is None or time.monotonic() > deadline:
-            _stop(s, svc.name)
+            _stop(s, svc)
             log_path = s.home / "logs" / f"{svc.name}.log"
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
             raise StackError(f"{svc.name} did not start at {svc.address(s)} (log {log_path}): {tail[0][:300]}")
         time.sleep(0.5)
 
 
-def _stop(s: Settings, name: str, timeout: float = 30) -> bool:
-    pid = running_pid(s, name)
-    _pid_file(s, name).unlink(missing_ok=True)
+def _stop(s: Settings, svc: Service, timeout: float = 30) -> bool:
+    pid = running_pid(s, svc.name)
+    _pid_file(s, svc.name).unlink(missing_ok=True)
     if pid is None:
         return False
-    stop_group(pid, timeout, next(svc for svc in SERVICES if svc.name == name).stop_again_s)
+    stop_group(pid, timeout, svc.stop_again_s)
     return True
 
 
@@ -493,4 +493,4 @@ def up(s: Settings, only: tuple[str, ...] | None = None, timeout: float = 180) -
 
 def down(s: Settings, only: tuple[str, ...] | None = None) -> list[str]:
     """Stop the services this stack started, last first; returns the names stopped."""
-    return [svc.name for svc in reversed(_services(only)) if svc.local(s) and _stop(s, svc.name)]
+    return [svc.name for svc in reversed(_services(only)) if svc.local(s) and _stop(s, svc)]
