@@ -56,7 +56,7 @@ def test_the_object_default_erases_circle_and_keeps_the_other_shapes_colors_and_
     assert cmp["target_base"] - cmp["target_erased"] >= 0.90
     after = toy_eval.unlearning(erased, "circle")
     # the held-out shapes (cross, diamond, heart: never in the method's preservation set) are kept
-    assert after["ira"] >= 0.85 and after["cra"] >= 0.75, after
+    assert after["ira"] >= 0.85 and after["cra"] >= 0.90, after
 
 
 def test_the_base_submitted_as_erased_fails_the_gate(base_judged, judge):
