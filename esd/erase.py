@@ -157,6 +157,8 @@ class EraseConfig:
         """Fill what was left unset: the base's defaults for this method, then the method's own, then the paper's."""
         self.validate()
         method = methods.get(self.method)
+        if method.kind == "combined":
+            return self      # each part resolves its own settings (part_config)
         own = dict((model_defaults or {}).get("*", {})) | dict((model_defaults or {}).get(self.method, {}))
         # A default may be given per request kind: {"style": ..., "object": ..., "*": ...}
         own = {k: (v.get(self.concept_kind, v.get("*")) if isinstance(v, dict) else v) for k, v in own.items()}
@@ -192,11 +194,11 @@ class EraseConfig:
         return any(getattr(self, name) is not None for name in ("templates", "guide", "preserve"))
 
     def _validate_settings(self) -> None:
-        if self.kind != "closed-form":
+        if self.kind == "esd":
             for name in CLOSED_FORM_ONLY:
                 if getattr(self, name) is not None:
                     raise EraseError(f"{name} applies to closed-form methods "
-                                     f"({', '.join(n for n, m in methods.METHODS.items() if m.kind == 'closed-form')}),"
+                                     f"({', '.join(n for n, m in methods.METHODS.items() if m.kind != 'esd')}),"
                                      f" not {self.method}")
         if self.templates is not None:
             if isinstance(self.templates, str) or not self.templates:
@@ -232,7 +234,7 @@ class EraseConfig:
         if self.preserve_scale is not None and not (isinstance(self.preserve_scale, (int, float))
                                                     and math.isfinite(self.preserve_scale) and self.preserve_scale >= 0):
             raise EraseError(f"preserve_scale must be a finite number >= 0, got {self.preserve_scale}")
-        if self.kind != "closed-form":
+        if self.kind == "esd":
             return
         for name in ("erase_scale", "push"):
             value = getattr(self, name)
@@ -248,8 +250,8 @@ class EraseConfig:
 
     def used(self) -> dict:
         """The settings this run's method uses (the manifest's hyperparameters)."""
-        skip = {"concepts"} | set(CLOSED_FORM_ONLY if self.kind != "closed-form" else ESD_ONLY)
-        if self.kind != "closed-form" and not self.prompted:
+        skip = {"concepts"} | set({"esd": CLOSED_FORM_ONLY, "closed-form": ESD_ONLY}.get(self.kind, ()))
+        if self.kind == "esd" and not self.prompted:
             skip |= set(PROMPT_SETTINGS)
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
@@ -530,10 +532,46 @@ def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progres
     """Erase cfg.concepts from the base pipeline's UNet, in place, and return the delta against that base.
 
     With a parent delta (an earlier version), the parent is applied first and the new delta, still taken
-    against the base, carries the parent's changes too. Closed-form methods (uce, uce-robust) run esd/uce.py.
+    against the base, carries the parent's changes too. Closed-form methods (uce, uce-robust) run esd/uce.py; a
+    combined method (uce-tokens-esd) runs its trained part, then its closed-form part (combined()).
     """
-    if methods.get(cfg.method).kind == "closed-form":
+    kind = methods.get(cfg.method).kind
+    if kind == "combined":
+        return combined(pipe, cfg, parent, progress, callback)
+    if kind == "closed-form":
         from esd import uce
 
         return uce.edit(pipe, cfg, parent, progress, callback)
     return Eraser(pipe, cfg, parent).run(progress, callback)
+
+
+def part_config(pipe, cfg: EraseConfig, part: str) -> EraseConfig:
+    """The config of one part of a combined method: the settings given that the part uses, over the base's defaults
+    for the combination (esd_defaults.json, under the combined method's name), over the part's own resolution."""
+    kind = methods.get(part).kind
+    unused = {"concepts", "method"} | set(CLOSED_FORM_ONLY if kind == "esd" else ESD_ONLY)
+    own = dict(model_defaults(pipe).get(cfg.method, {}))
+    own = {k: (v.get(cfg.concept_kind, v.get("*")) if isinstance(v, dict) else v) for k, v in own.items()}
+    given = {k: v for k, v in asdict(cfg).items() if v is not None}
+    settings = {k: v for k, v in (own | given).items() if k not in unused and v is not None}
+    return EraseConfig(list(cfg.concepts), method=part, **settings).validate()
+
+
+def combined(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,
+             callback=None) -> delta_lib.Delta:
+    """A combined method: its trained part, then its closed-form part taking the trained one as its parent (so that a
+    later closed-form takedown re-solves the edit with the lineage's and leaves the trained weights as they are); one
+    delta whose manifest names the combination and lists both parts among its erasures."""
+    cfg.validate()
+    trained_name, closed_name = methods.get(cfg.method).parts
+    trained = Eraser(pipe, part_config(pipe, cfg, trained_name), parent)
+    first = trained.run(progress, callback)
+    with torch.no_grad():                 # the edit starts from the base and applies the trained part as its parent
+        state = pipe.unet.state_dict()
+        for name, value in trained.base_state.items():
+            state[name].copy_(value)
+    from esd import uce
+
+    out = uce.edit(pipe, part_config(pipe, cfg, closed_name), first, progress, callback)
+    out.manifest.update(method=cfg.method, hyperparameters=cfg.used())
+    return out

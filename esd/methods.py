@@ -3,7 +3,7 @@
 Cross-attention only (ESD-x) ties the erasure to the prompt's words, right for artist styles; everything
 but cross-attention (ESD-u) erases the concept globally, right for nudity and objects. Closed-form methods
 (UCE, and UCE hardened RECE-style) solve for new cross-attention key/value projections instead of training
-(esd/uce.py).
+(esd/uce.py). A combined method runs a trained method and then a closed-form one on the same concepts, one delta.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ class Method:
     name: str
     description: str
     selects: Callable[[str], bool]
-    kind: str = "esd"                 # "esd": trained by the ESD loop (esd/erase.py); "closed-form": esd/uce.py
+    kind: str = "esd"                 # "esd": trained by the ESD loop (esd/erase.py); "closed-form": esd/uce.py;
+                                      # "combined": its parts in turn, on the same concepts (esd.erase.combined)
     defaults: dict = field(default_factory=dict, compare=False)   # the method's own defaults, under the base's
     benchmarked: bool = False         # compared by `esd bench quality` when no --methods is given
+    parts: tuple[str, ...] = ()       # combined: a trained method, then a closed-form one
 
 
 def _xattn(n: str) -> bool:
@@ -60,9 +62,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _xattn_kv_weights, kind="closed-form", defaults={"align": "concept"}, benchmarked=True),
     Method("uce-tokens-robust", "uce-tokens re-solved against the embeddings that still recover the concept",
            _xattn_kv_weights, kind="closed-form", defaults={"align": "concept", "rounds": 2}, benchmarked=True),
+    Method("uce-tokens-esd", "a short esd-u-retain erasure of what the UNet draws, then the uce-tokens edit of the "
+           "keys and values: the edit takes the concept out of the prompt, the trained part holds against a recovered "
+           "prompt", lambda n: _unconditioned(n) or _xattn_kv_weights(n), kind="combined",
+           parts=("esd-u-retain", "uce-tokens"), benchmarked=True),
 ]}
 
-DEFAULT_BY_KIND = {"style": "uce-tokens", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
+DEFAULT_BY_KIND = {"style": "uce-tokens-esd", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
 
 
 class MethodError(ValueError):

@@ -28,6 +28,8 @@ def test_every_method_selects_what_its_row_says(unet):
     assert names(unet, "esd-all") == every
     selfattn = names(unet, "selfattn")
     assert selfattn and all(".attn1." in n for n in selfattn)
+    kv_weights = {n for n in strict if n.endswith(".weight")}
+    assert names(unet, "uce-tokens") == kv_weights and names(unet, "uce-tokens-esd") == u | kv_weights
     assert methods.count(unet, "esd-x") == sum(p.numel() for n, p in unet.named_parameters() if n in xattn)
 
 
