@@ -68,7 +68,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            parts=("esd-u-retain", "uce-tokens"), benchmarked=True),
 ]}
 
-DEFAULT_BY_KIND = {"style": "uce-tokens-esd", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
+DEFAULT_BY_KIND = {"style": "uce-tokens", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
 
 
 class MethodError(ValueError):
