@@ -308,7 +308,8 @@ def lineage_held(p: Platform, model: str):
     flows that could interleave); waits for a running takedown or retrain on the model, at most ten minutes."""
     from infra import stack
 
-    if not all(r.up for r in stack.status(p.settings, ("prefect-server",))):
+    # a local Prefect counts only when this stack started it: another one answering on its port is not this stack's
+    if not all(r.up and (r.pid is not None or not r.managed) for r in stack.status(p.settings, ("prefect-server",))):
         yield
         return
     from flows.deploy import lineage_slot, prefect_api
