@@ -160,9 +160,7 @@ class EraseConfig:
         if method.kind == "combined":
             return self      # each part resolves its own settings (part_config)
         own = dict((model_defaults or {}).get("*", {})) | dict((model_defaults or {}).get(self.method, {}))
-        # A default may be given per request kind: {"style": ..., "object": ..., "*": ...}
-        own = {k: (v.get(self.concept_kind, v.get("*")) if isinstance(v, dict) else v) for k, v in own.items()}
-        own = {k: v for k, v in own.items() if v is not None}
+        own = {k: v for k, v in for_kind(own, self.concept_kind).items() if v is not None}
         if self.preserve is None and own.get("preserve"):
             # a default preservation set never holds the concept being erased
             erased = {normal_concept(c) for c in self.concepts}
@@ -254,6 +252,11 @@ class EraseConfig:
         if self.kind == "esd" and not self.prompted:
             skip |= set(PROMPT_SETTINGS)
         return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def for_kind(defaults: dict, kind: str | None) -> dict:
+    """Defaults with each per-request-kind value ({"style": ..., "object": ..., "*": ...}) taken for KIND."""
+    return {k: (v.get(kind, v.get("*")) if isinstance(v, dict) else v) for k, v in defaults.items()}
 
 
 def fill(template: str, text: str) -> str:
@@ -550,8 +553,7 @@ def part_config(pipe, cfg: EraseConfig, part: str) -> EraseConfig:
     for the combination (esd_defaults.json, under the combined method's name), over the part's own resolution."""
     kind = methods.get(part).kind
     unused = {"concepts", "method"} | set(CLOSED_FORM_ONLY if kind == "esd" else ESD_ONLY)
-    own = dict(model_defaults(pipe).get(cfg.method, {}))
-    own = {k: (v.get(cfg.concept_kind, v.get("*")) if isinstance(v, dict) else v) for k, v in own.items()}
+    own = for_kind(model_defaults(pipe).get(cfg.method, {}), cfg.concept_kind)
     given = {k: v for k, v in asdict(cfg).items() if v is not None}
     settings = {k: v for k, v in (own | given).items() if k not in unused and v is not None}
     return EraseConfig(list(cfg.concepts), method=part, **settings).validate()
