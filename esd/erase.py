@@ -536,7 +536,7 @@ def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progres
 
     With a parent delta (an earlier version), the parent is applied first and the new delta, still taken
     against the base, carries the parent's changes too. Closed-form methods (uce, uce-robust) run esd/uce.py; a
-    combined method (uce-tokens-esd) runs its trained part, then its closed-form part (combined()).
+    combined method (uce-tokens-esd, uce-tokens-xout) runs its trained part, then its closed-form part (combined()).
     """
     kind = methods.get(cfg.method).kind
     if kind == "combined":

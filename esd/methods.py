@@ -40,6 +40,10 @@ def _xattn_kv(n: str) -> bool:
     return ".attn2.to_k." in n or ".attn2.to_v." in n
 
 
+def _xattn_out(n: str) -> bool:
+    return ".attn2.to_out." in n
+
+
 def _xattn_kv_weights(n: str) -> bool:
     return _xattn_kv(n) and n.endswith(".weight")
 
@@ -66,6 +70,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "keys and values: the edit takes the concept out of the prompt, the trained part holds against a recovered "
            "prompt", lambda n: _unconditioned(n) or _xattn_kv_weights(n), kind="combined",
            parts=("esd-u-retain", "uce-tokens"), benchmarked=True),
+    Method("esd-xout-retain", "ESD-u-retain's loss on the cross-attention output projections only (attn2.to_out): "
+           "what the UNet makes of the values it read from the text, not which text gives which values", _xattn_out),
+    Method("uce-tokens-xout", "a short esd-xout-retain erasure, then the uce-tokens edit: the edit takes the concept out "
+           "of the prompt, the trained output projections stop a recovered prompt's values from drawing it",
+           lambda n: _xattn_out(n) or _xattn_kv_weights(n), kind="combined", parts=("esd-xout-retain", "uce-tokens"),
+           benchmarked=True),
 ]}
 
 DEFAULT_BY_KIND = {"style": "uce-tokens", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}

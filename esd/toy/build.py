@@ -34,6 +34,8 @@ ESD_DEFAULTS = {
 ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 3.0, "sample_steps": 4, "preserve_scale": 3.0}
 # uce-tokens-esd's trained part: a short, gentle esd-u-retain (its other settings as above); the rest is uce-tokens'
 COMBINED = {"iterations": 30, "eta": 1.0}
+# uce-tokens-xout's trained part: the same run on the cross-attention output projections alone, at a higher lr
+XOUT = {"lr": 3e-4}
 
 
 def closed_form_defaults() -> dict:
@@ -69,7 +71,8 @@ def erase_defaults() -> dict:
     # preservation concepts (its retain set)
     prompted = {k: cf[k] for k in ("templates", "preserve")}
     return (ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust")}
-            | {"esd-u-retain": ESD_RETAIN | prompted, "uce-tokens-esd": COMBINED})
+            | {"esd-u-retain": ESD_RETAIN | prompted, "uce-tokens-esd": COMBINED,
+               "esd-xout-retain": ESD_RETAIN | XOUT | prompted, "uce-tokens-xout": COMBINED | XOUT})
 
 
 # The noise schedule of Stable Diffusion 1.x.

@@ -30,6 +30,9 @@ def test_every_method_selects_what_its_row_says(unet):
     assert selfattn and all(".attn1." in n for n in selfattn)
     kv_weights = {n for n in strict if n.endswith(".weight")}
     assert names(unet, "uce-tokens") == kv_weights and names(unet, "uce-tokens-esd") == u | kv_weights
+    out = names(unet, "esd-xout-retain")
+    assert out and out == {n for n in xattn if ".attn2.to_out." in n}
+    assert names(unet, "uce-tokens-xout") == out | kv_weights
     assert methods.count(unet, "esd-x") == sum(p.numel() for n, p in unet.named_parameters() if n in xattn)
 
 

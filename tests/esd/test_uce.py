@@ -234,20 +234,23 @@ COMBINED = dict(method="uce-tokens-esd", iterations=3, ddim_steps=4, lr=1e-3, te
                 preserve=["square"])
 
 
-def test_the_combined_method_trains_then_edits_one_delta_same_seed_same_delta(tiny_sd):
-    """uce-tokens-esd: its trained part (esd-u-retain) changes ESD-u's parameters, its closed-form part (uce-tokens) the
-    key/value weights, both in one delta that rebuilds the model; the manifest names the combination and lists both
-    parts, each with the settings it used; the same seed gives the same delta, another seed another."""
+@pytest.mark.parametrize("method,part", [("uce-tokens-esd", "esd-u-retain"), ("uce-tokens-xout", "esd-xout-retain")])
+def test_the_combined_method_trains_then_edits_one_delta_same_seed_same_delta(tiny_sd, method, part):
+    """A combination: its trained part (esd-u-retain: ESD-u's parameters; esd-xout-retain: the cross-attention output
+    projections) and its closed-form part (uce-tokens: the key/value weights), both in one delta that rebuilds the
+    model; the manifest names the combination and lists both parts, each with the settings it used; the same seed
+    gives the same delta, another seed another."""
     from esd import methods
 
+    combined = COMBINED | {"method": method}
     pipe = load_pipeline(tiny_sd)
-    d = erase(pipe, EraseConfig(["circle"], **COMBINED), progress=False)
-    u = set(methods.select(pipe.unet, "esd-u"))
+    d = erase(pipe, EraseConfig(["circle"], **combined), progress=False)
+    trainable = set(methods.select(pipe.unet, part))
     every_kv = {n for n, _ in pipe.unet.named_parameters() if kv(n)}
-    assert every_kv <= set(d.tensors) <= u | every_kv and set(d.tensors) & u
-    assert d.manifest["method"] == "uce-tokens-esd"
+    assert every_kv <= set(d.tensors) <= trainable | every_kv and set(d.tensors) & trainable
+    assert d.manifest["method"] == method
     trained, edited = d.manifest["erasures"]
-    assert (trained["method"], edited["method"]) == ("esd-u-retain", "uce-tokens")
+    assert (trained["method"], edited["method"]) == (part, "uce-tokens")
     assert trained["hyperparameters"]["iterations"] == 3 and "push" not in trained["hyperparameters"]
     assert edited["hyperparameters"]["align"] == "concept" and "iterations" not in edited["hyperparameters"]
     assert trained["hyperparameters"]["templates"] == edited["hyperparameters"]["templates"] == ["a red {concept}"]
@@ -255,23 +258,24 @@ def test_the_combined_method_trains_then_edits_one_delta_same_seed_same_delta(ti
     delta_lib.apply(fresh.unet, d)
     assert_same_unet(fresh.unet, pipe.unet)
     # the trained part alone, then uce-tokens over it as its parent: the same tensors
-    alone = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **(COMBINED | {"method": "esd-u-retain"})),
-                  progress=False)
+    alone = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **(COMBINED | {"method": part})), progress=False)
     over = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], method="uce-tokens", templates=["a red {concept}"],
                                                      preserve=["square"]), parent=alone, progress=False)
     assert over.manifest["tensors_sha256"] == d.manifest["tensors_sha256"]
-    again = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **COMBINED), progress=False)
-    other = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **COMBINED, seed=1), progress=False)
+    again = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **combined), progress=False)
+    other = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **combined, seed=1), progress=False)
     assert again.manifest["tensors_sha256"] == d.manifest["tensors_sha256"] != other.manifest["tensors_sha256"]
 
 
-def test_a_closed_form_takedown_over_a_combined_one_resolves_both_edits_and_keeps_the_trained_weights(tiny_sd):
-    first = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **COMBINED), progress=False)
+@pytest.mark.parametrize("method,part", [("uce-tokens-esd", "esd-u-retain"), ("uce-tokens-xout", "esd-xout-retain")])
+def test_a_closed_form_takedown_over_a_combined_one_resolves_both_edits_and_keeps_the_trained_weights(tiny_sd, method,
+                                                                                                     part):
+    first = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **(COMBINED | {"method": method})), progress=False)
     second = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce-tokens", templates=["a red {concept}"]),
                    parent=first, progress=False)
     trained = {n for n in first.tensors if not kv(n)}
     assert trained and all(torch.equal(second.tensors[n], first.tensors[n]) for n in trained)
-    assert [e["method"] for e in second.manifest["erasures"]] == ["esd-u-retain", "uce-tokens", "uce-tokens"]
+    assert [e["method"] for e in second.manifest["erasures"]] == [part, "uce-tokens", "uce-tokens"]
     assert second.manifest["all_concepts"] == ["circle", "square"]
     # solved together from the base: not the same as the second edit composed on the first one's weights
     assert any(not torch.equal(second.tensors[n], first.tensors[n]) for n in first.tensors if kv(n))
