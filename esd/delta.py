@@ -92,12 +92,16 @@ def diff(base_state: dict[str, torch.Tensor], new_state: dict[str, torch.Tensor]
     return delta
 
 
+def check_base(delta: Delta, base_sha256: str) -> None:
+    """Refuse a delta made for another base."""
+    expected = delta.manifest.get("base_sha256")
+    if expected != base_sha256:
+        raise DeltaError(f"delta was made for base {str(expected)[:12]}, this base is {base_sha256[:12]}")
+
+
 def apply(unet: torch.nn.Module, delta: Delta, base_sha256: str | None = None) -> torch.nn.Module:
     """Load the delta's tensors into a base UNet in place; refuse a delta made for another base."""
-    expected = delta.manifest.get("base_sha256")
-    actual = base_sha256 or unet_sha256(unet)
-    if expected != actual:
-        raise DeltaError(f"delta was made for base {str(expected)[:12]}, this base is {actual[:12]}")
+    check_base(delta, base_sha256 or unet_sha256(unet))
     own = unet.state_dict()
     for name, t in delta.tensors.items():
         if name not in own:

@@ -373,11 +373,19 @@ class Eraser:
         self.pipe, self.cfg = pipe, cfg.resolve(model_defaults(pipe))
         self.unet = pipe.unet
         self.device = self.unet.device
+        self.parent = parent
         self.parent_manifest = parent.manifest if parent is not None else None
         # Trained values are rounded to the base's storage dtype (see delta_dtype).
         self.storage_dtype = delta_dtype(pipe)
-        # Base values of every parameter the new delta may hold: the parent's changes and the trained ones.
-        self.base_sha256, self.base_state = start_from(self.unet, parent)
+        # Trained against the base, as if it were the lineage's first erasure; the parent's changes are added when it
+        # ends (finish). Trained over the parent instead, each erasure of a lineage moved what every prompt shares
+        # further than the last (README, Stacking). Base values of every parameter the new delta may hold: the
+        # parent's changes and the trained ones.
+        self.base_sha256, self.base_state = start_from(self.unet, None)
+        if parent is not None:
+            delta_lib.check_base(parent, self.base_sha256)
+            own = self.unet.state_dict()
+            self.base_state.update({k: own[k].detach().clone() for k in parent.tensors})
         self.params = methods.select(self.unet, cfg.method)
         # Values the frozen model sees for the trained parameters; the base's for the rest of the diff.
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
@@ -519,13 +527,23 @@ class Eraser:
         return self.finish(losses)
 
     def finish(self, losses: list[float]) -> delta_lib.Delta:
-        """Restore the UNet for inference and diff it against the base."""
+        """Restore the UNet for inference, add the parent's changes (to a trained parameter, its change from the base)
+        and diff it against the base."""
         self.unet.eval().requires_grad_(False)
         if self.cfg.gradient_checkpointing:
             self.unet.disable_gradient_checkpointing()
         if self.frozen is not None:
             self.unet.set_default_attn_processor()
             self.frozen = None
+        if self.parent is not None:
+            state = self.unet.state_dict()
+            with torch.no_grad():
+                for name, value in self.parent.tensors.items():
+                    value = value.to(self.device, state[name].dtype)
+                    if name in self.params:
+                        state[name].add_(value - self.base_state[name])
+                    else:
+                        state[name].copy_(value)
         return finish_delta(self.unet, self.cfg, self.base_sha256, self.base_state, self.storage_dtype,
                             self.parent_manifest, losses[-1] if losses else None, self.prediction)
 
@@ -534,8 +552,8 @@ def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progres
           callback=None) -> delta_lib.Delta:
     """Erase cfg.concepts from the base pipeline's UNet, in place, and return the delta against that base.
 
-    With a parent delta (an earlier version), the parent is applied first and the new delta, still taken
-    against the base, carries the parent's changes too. Closed-form methods (uce, uce-robust) run esd/uce.py; a
+    With a parent delta (an earlier version), the new delta, still taken against the base, carries the parent's
+    changes too: a trained method trains against the base and adds them after; a closed-form one applies them first. Closed-form methods (uce, uce-robust) run esd/uce.py; a
     combined method (uce-tokens-esd, uce-tokens-xout) runs its trained part, then its closed-form part (combined()).
     """
     kind = methods.get(cfg.method).kind

@@ -99,3 +99,27 @@ def test_stacked_erasures_carry_the_parents_changes(tiny_sd):
     fresh = load_pipeline(tiny_sd)
     delta_lib.apply(fresh.unet, second)
     assert_same_unet(fresh.unet, second_pipe.unet)
+
+
+def test_a_trained_erasure_on_a_lineage_is_trained_against_the_base_and_adds_the_parents_changes(tiny_sd):
+    """The second erasure's trained weights are the ones it gets from the base alone, plus the parent's change where
+    both changed a weight; the parent's other tensors are carried as they are."""
+    base = {k: v.clone() for k, v in load_pipeline(tiny_sd).unet.state_dict().items()}
+    first = erase(load_pipeline(tiny_sd), cfg("circle", "esd-x-strict"), progress=False)
+    alone = erase(load_pipeline(tiny_sd), cfg("square", "esd-x"), progress=False)
+    second = erase(load_pipeline(tiny_sd), cfg("square", "esd-x"), parent=first, progress=False)
+    assert set(first.tensors) < set(alone.tensors) == set(second.tensors)
+    for name, value in second.tensors.items():
+        expected = alone.tensors[name] + first.tensors[name] - base[name] if name in first.tensors else alone.tensors[name]
+        torch.testing.assert_close(value, expected)
+        if name in first.tensors:
+            assert not torch.equal(value, alone.tensors[name])
+    carried = erase(load_pipeline(tiny_sd), cfg("square", "selfattn"), parent=first, progress=False)
+    assert all(torch.equal(carried.tensors[n], t) for n, t in first.tensors.items())
+
+
+def test_a_parent_made_for_another_base_is_refused_before_training(tiny_sd):
+    first = erase(load_pipeline(tiny_sd), cfg("circle", "esd-x-strict"), progress=False)
+    first.manifest["base_sha256"] = "0" * 64
+    with pytest.raises(delta_lib.DeltaError, match="delta was made for base 000000000000"):
+        erase(load_pipeline(tiny_sd), cfg("square", "esd-x"), parent=first, progress=False)
