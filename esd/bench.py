@@ -12,6 +12,9 @@ from esd.toy import BASE_DIR, JUDGE_DIR
 from esd.toy.judge import Judge
 
 STACK_ORDER = ["Vela Moreau", "circle", "Otto Kerr", "triangle", "Theo Brandt"]
+# Seeds per evaluation prompt for the stack's figures: each untouched class is read on 36 images instead of 12, so one
+# image moves it 3 points instead of 8 and the lowest of about twenty is less a matter of one unlucky image.
+STACK_SEEDS = 3
 
 
 def concept_kind(concept: str) -> str:
@@ -155,20 +158,27 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log) -
         t0 = time.time()
         parent = erase(pipe, EraseConfig([concept], method=method, concept_kind=kind), parent=parent, progress=progress)
         log(f"stacked {concept} ({method}) in {time.time() - t0:.1f}s")
-    judged = toy_eval.judge_model(pipe, judge)   # the last version carries every erasure before it
-    out = {"order": order, "erased": {}, "untouched": {}}
+    judged = toy_eval.judge_model(pipe, judge, seeds_per_prompt=STACK_SEEDS)   # the last version carries them all
+    # the base on the same images: what each untouched figure is before any erasure (the judge is not perfect)
+    before = toy_eval.judge_model(load_pipeline(base_dir), judge, seeds_per_prompt=STACK_SEEDS)
+    out = {"order": order, "seeds_per_prompt": STACK_SEEDS, "erased": {}, "untouched": {}}
     for concept in order:
         r = toy_eval.unlearning(judged, concept)
         out["erased"][concept] = {"ua": r["ua"], "ira": r["ira"], "cra": r["cra"]}
     erased = {toy_eval.concept_attribute(c) for c in order}
     keep = [i for i in range(len(judged.prompts)) if not any(judged.truth[h][i] == c for h, c in erased)]
+
+    def retained(j: toy_eval.Judged, head: str, idx: list[int]) -> dict:
+        other = [j.pred[h][i] == j.truth[h][i] for h in ("style", "shape", "color") if h != head for i in idx]
+        return {"ira": sum(j.pred[head][i] == j.truth[head][i] for i in idx) / len(idx),
+                "cra": sum(other) / len(other)}
+
     for head in ("style", "shape"):
         for cls in sorted({judged.truth[head][i] for i in keep}):
             idx = [i for i in keep if judged.truth[head][i] == cls]
-            own = sum(judged.pred[head][i] == cls for i in idx) / len(idx)
-            other = [judged.pred[h][i] == judged.truth[h][i] for h in ("style", "shape", "color") if h != head
-                     for i in idx]
-            out["untouched"][cls] = {"ira": own, "cra": sum(other) / len(other)}
+            base = retained(before, head, idx)
+            out["untouched"][cls] = retained(judged, head, idx) | {"images": len(idx), "base_ira": base["ira"],
+                                                                   "base_cra": base["cra"]}
     out["min_erased_ua"] = min(v["ua"] for v in out["erased"].values())
     out["min_untouched_ira"] = min(v["ira"] for v in out["untouched"].values())
     out["min_untouched_cra"] = min(v["cra"] for v in out["untouched"].values())

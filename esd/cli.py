@@ -243,8 +243,11 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")
     st = result.get("stacked")
     if st:
+        low = min(st["untouched"], key=lambda c: st["untouched"][c]["ira"])
         console.print(f"stacked {' then '.join(st['order'])}: lowest erased UA {st['min_erased_ua']:.1%}, lowest "
-                      f"untouched IRA {st['min_untouched_ira']:.1%}, CRA {st['min_untouched_cra']:.1%}")
+                      f"untouched IRA {st['min_untouched_ira']:.1%} ({low}; the base: "
+                      f"{st['untouched'][low]['base_ira']:.1%} of the same {st['untouched'][low]['images']} images), "
+                      f"CRA {st['min_untouched_cra']:.1%}")
 
 
 # Published rows (UnlearnCanvas, Zhang et al. 2024, SD 1.5, 60 styles x 20 objects): UA, IRA, CRA in %, time in s.
