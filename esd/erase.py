@@ -321,13 +321,18 @@ def delta_dtype(pipe) -> torch.dtype:
     return (storage_dtype(folder) if folder else None) or pipe.unet.dtype
 
 
-def start_from(unet: torch.nn.Module, parent: delta_lib.Delta | None) -> tuple[str, dict[str, torch.Tensor]]:
-    """Apply the parent delta in place; returns the base's sha256 and the base values of the parent's tensors."""
+def start_from(unet: torch.nn.Module, parent: delta_lib.Delta | None,
+               apply: bool = True) -> tuple[str, dict[str, torch.Tensor]]:
+    """The base's sha256 and the base values of the parent's tensors, the parent checked against the base and, unless
+    apply is False (a trained erasure adds it when it ends: Eraser.finish), applied in place."""
     base_sha256 = delta_lib.unet_sha256(unet)
     own = unet.state_dict()
     base_state = {k: own[k].detach().clone() for k in (parent.tensors if parent is not None else {})}
     if parent is not None:
-        delta_lib.apply(unet, parent, base_sha256)
+        if apply:
+            delta_lib.apply(unet, parent, base_sha256)
+        else:
+            delta_lib.check_base(parent, base_sha256)
     return base_sha256, base_state
 
 
@@ -381,11 +386,7 @@ class Eraser:
         # ends (finish). Trained over the parent instead, each erasure of a lineage moved what every prompt shares
         # further than the last (README, Stacking). Base values of every parameter the new delta may hold: the
         # parent's changes and the trained ones.
-        self.base_sha256, self.base_state = start_from(self.unet, None)
-        if parent is not None:
-            delta_lib.check_base(parent, self.base_sha256)
-            own = self.unet.state_dict()
-            self.base_state.update({k: own[k].detach().clone() for k in parent.tensors})
+        self.base_sha256, self.base_state = start_from(self.unet, parent, apply=False)
         self.params = methods.select(self.unet, cfg.method)
         # Values the frozen model sees for the trained parameters; the base's for the rest of the diff.
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
@@ -553,8 +554,9 @@ def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progres
     """Erase cfg.concepts from the base pipeline's UNet, in place, and return the delta against that base.
 
     With a parent delta (an earlier version), the new delta, still taken against the base, carries the parent's
-    changes too: a trained method trains against the base and adds them after; a closed-form one applies them first. Closed-form methods (uce, uce-robust) run esd/uce.py; a
-    combined method (uce-tokens-esd, uce-tokens-xout) runs its trained part, then its closed-form part (combined()).
+    changes too: a trained method trains against the base and adds them after; a closed-form one applies them
+    first. Closed-form methods (uce, uce-robust) run esd/uce.py; a combined method (uce-tokens-esd,
+    uce-tokens-xout) runs its trained part, then its closed-form part (combined()).
     """
     kind = methods.get(cfg.method).kind
     if kind == "combined":
