@@ -36,7 +36,7 @@ browser:
 	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; fi
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The fault suite alone (also part of `make test`): its table, then its two summary lines, last.
 faults: install

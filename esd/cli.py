@@ -206,7 +206,7 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
     out = out or home() / "bench"
     try:
         result = quality(out_dir=out, methods=split(methods), concepts=split(concepts), attack=attack, stacked=stacked,
-                         reference=reference, progress=not as_json,
+                         reference=reference, progress=not as_json, cache_dir=home() / "cache" / "judged",
                          log=(lambda *a: None) if as_json else console.print)
     except ValueError as exc:
         fail(first_line(exc))
@@ -243,11 +243,14 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")
     st = result.get("stacked")
     if st:
-        low = min(st["untouched"], key=lambda c: st["untouched"][c]["ira"])
+        low = min((c for c in st["untouched"] if c != "plain"), key=lambda c: st["untouched"][c]["ira"])
+        plain = st["untouched"].get("plain")
         console.print(f"stacked {' then '.join(st['order'])}: lowest erased UA {st['min_erased_ua']:.1%}, lowest "
                       f"untouched IRA {st['min_untouched_ira']:.1%} ({low}; the base: "
                       f"{st['untouched'][low]['base_ira']:.1%} of the same {st['untouched'][low]['images']} images), "
-                      f"CRA {st['min_untouched_cra']:.1%}")
+                      f"CRA {st['min_untouched_cra']:.1%}"
+                      + (f"; no artist named (plain): IRA {plain['ira']:.1%} (the base: {plain['base_ira']:.1%})"
+                         if plain else ""))
 
 
 # Published rows (UnlearnCanvas, Zhang et al. 2024, SD 1.5, 60 styles x 20 objects): UA, IRA, CRA in %, time in s.

@@ -121,15 +121,17 @@ def compare(base: Judged, erased: Judged, concept: str) -> dict:
 
 def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
                        seeds_per_prompt: int = 1) -> Judged:
-    """judge_model, kept on disk per model (UNet sha256) and settings: a base is judged once, not per candidate."""
+    """judge_model, kept on disk per model and judge (their weights' sha256) and settings: a base is judged once, not
+    per candidate."""
     import hashlib
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from esd.delta import unet_sha256
+    from esd.delta import state_sha256, unet_sha256
 
-    key = hashlib.sha256(f"{unet_sha256(pipe.unet)}|{steps}|{guidance}|{seeds_per_prompt}".encode()).hexdigest()[:32]
+    model = f"{unet_sha256(pipe.unet)}|{state_sha256(judge.state_dict())}"
+    key = hashlib.sha256(f"{model}|{steps}|{guidance}|{seeds_per_prompt}".encode()).hexdigest()[:32]
     images_path, meta_path = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
     if images_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())

@@ -111,3 +111,25 @@ def test_recovery_attack_learns_the_concept_back(base_judged, circle_erased, jud
     # the attack leaves the candidate as it found it: weights and the placeholder word's embedding
     assert (state_sha256(pipe.unet.state_dict()), state_sha256(pipe.text_encoder.state_dict())) == before
     assert torch.equal(pipe.encode_prompt(["a red cat"], "cpu", 1, False)[0], prompt_embedding)
+
+
+def test_judgements_are_kept_per_model_and_judge(judge, tmp_path):
+    """A base judged once is read back from the cache; a different judge (or model) is judged anew, never given
+    another's verdicts."""
+    import copy
+    import json
+
+    pipe = load_pipeline(BASE_DIR)
+    first = toy_eval.judge_model_cached(pipe, judge, tmp_path, steps=1)
+    [meta] = tmp_path.glob("*.json")
+    marked = json.loads(meta.read_text())
+    marked["pred"]["style"][0] = "marked"
+    meta.write_text(json.dumps(marked))
+    assert toy_eval.judge_model_cached(pipe, judge, tmp_path, steps=1).pred["style"][0] == "marked"
+
+    other = copy.deepcopy(judge)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)
+    again = toy_eval.judge_model_cached(pipe, other, tmp_path, steps=1)
+    assert len(list(tmp_path.glob("*.json"))) == 2 and again.pred["style"][0] != "marked"
+    assert torch.equal(again.images, first.images)      # the same images, judged by the other judge
