@@ -150,7 +150,7 @@ def judge_base(base_dir: Path, judge: Judge, cache_dir: Path | None, seeds_per_p
     pipe = load_pipeline(base_dir)
     if cache_dir is None:
         return toy_eval.judge_model(pipe, judge, seeds_per_prompt=seeds_per_prompt, progress=progress)
-    return toy_eval.judge_model_cached(pipe, judge, cache_dir, seeds_per_prompt=seeds_per_prompt)
+    return toy_eval.judge_model_cached(pipe, judge, cache_dir, seeds_per_prompt=seeds_per_prompt, progress=progress)
 
 
 def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, cache_dir: Path | None = None) -> dict:
@@ -190,7 +190,8 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, c
                                                                    "base_cra": base["cra"]}
     out["min_erased_ua"] = min(v["ua"] for v in out["erased"].values())
     concepts = {c: v for c, v in out["untouched"].items() if c != "plain"}
-    out["min_untouched_ira"] = min(v["ira"] for v in concepts.values())
+    out["lowest_untouched"] = min(concepts, key=lambda c: concepts[c]["ira"])
+    out["min_untouched_ira"] = concepts[out["lowest_untouched"]]["ira"]
     out["min_untouched_cra"] = min(v["cra"] for v in concepts.values())
     return out
 

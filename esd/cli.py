@@ -243,7 +243,7 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")
     st = result.get("stacked")
     if st:
-        low = min((c for c in st["untouched"] if c != "plain"), key=lambda c: st["untouched"][c]["ira"])
+        low = st["lowest_untouched"]
         plain = st["untouched"].get("plain")
         console.print(f"stacked {' then '.join(st['order'])}: lowest erased UA {st['min_erased_ua']:.1%}, lowest "
                       f"untouched IRA {st['min_untouched_ira']:.1%} ({low}; the base: "

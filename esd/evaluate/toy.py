@@ -120,7 +120,7 @@ def compare(base: Judged, erased: Judged, concept: str) -> dict:
 
 
 def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
-                       seeds_per_prompt: int = 1) -> Judged:
+                       seeds_per_prompt: int = 1, progress: bool = False) -> Judged:
     """judge_model, kept on disk per model and judge (their weights' sha256) and settings: a base is judged once, not
     per candidate."""
     import hashlib
@@ -136,7 +136,7 @@ def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_ST
     if images_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return Judged(meta["prompts"], meta["truth"], meta["pred"], load_file(images_path)["images"])
-    judged = judge_model(pipe, judge, seeds_per_prompt, steps, guidance)
+    judged = judge_model(pipe, judge, seeds_per_prompt, steps, guidance, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({"images": judged.images.contiguous()}, images_path)
     meta_path.write_text(json.dumps({"prompts": judged.prompts, "truth": judged.truth, "pred": judged.pred}))
