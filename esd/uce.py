@@ -15,7 +15,11 @@ embedding, v*_i = W t_i with t_i = (1 + push) g_i - push c_i, so W factors out o
 serves every projection; only d x d sums of token outer products are kept, however many prompts there are:
 
     W_new = W M,   M = (lamb I + es sum_i t_i c_i^T + ps P) (lamb I + es sum_i c_i c_i^T + ps P)^-1,
-    P = sum_j c_j c_j^T
+    P = n sum_j c_j c_j^T
+
+where n is the number of concepts erased: UCE's ps weighs the preservation against one concept's erase sums, and a
+solve of n concepts (one takedown of several, or a lineage's takedowns solved again together) keeps that balance
+for each of them.
 
 RECE hardens the edit. The embedding e* that makes the edited projections reproduce the original keys and values
 of the concept is, per token, in closed form (S = sum over projections of W^T W):
@@ -132,7 +136,8 @@ def names(text: str, concepts: set[str]) -> bool:
 
 def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]:
     """The scaled sums of erasures solved together: each one's erase prompts (with their guides, its push and erase
-    scale), and the union of their preserve prompts (each once, at the scale of the first erasure that names it).
+    scale), and the union of their preserve prompts (each once, at the scale of the first erasure that names it),
+    times the number of concepts erased.
     A prompt that names a concept another of them erases is left out: its guide or its preservation would hold on
     to what that one removes (a style's guide "a red circle" against the erasure of circle)."""
     erased = {normal_concept(c) for cfg in configs for c in cfg.concepts}
@@ -153,7 +158,9 @@ def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]
     for scale, spans in set(kept.values()):
         group = [p for p, key in kept.items() if key == (scale, spans)]
         preserve += scale * sums(pipe, group, 0.0, d, spans).cc
-    return e, preserve
+    # Each erased concept adds its own erase sums, so the preservation is held in proportion to their number: each
+    # concept is weighed against it as when it was solved alone, whether it came in one takedown or a stack of them
+    return e, len(erased) * preserve
 
 
 def lineage_configs(parent: delta_lib.Delta | None, edited: list[str]) -> list[EraseConfig] | None:

@@ -177,6 +177,18 @@ def test_stacked_closed_form_edits_are_solved_together_from_the_base(tiny_sd):
                                                                                     (["square"], ["triangle"])]
 
 
+def test_the_preservation_is_held_in_proportion_to_the_concepts_erased(tiny_sd):
+    """One concept's erase sums against the preserve set, as UCE weighs them; two concepts solved together (a stack or
+    one takedown of both) hold the same preserve prompts twice as strongly, and the erase sums are the two added."""
+    pipe = load_pipeline(tiny_sd)
+    d = pipe.text_encoder.config.hidden_size
+    configs = [EraseConfig([c], method="uce", preserve=["triangle"]).resolve() for c in ("circle", "square")]
+    (one, kept), (other, _) = (uce.terms(pipe, [cfg], d) for cfg in configs)
+    both, kept_both = uce.terms(pipe, configs, d)
+    assert torch.linalg.matrix_norm(kept) > 0
+    assert torch.allclose(kept_both, 2 * kept) and torch.allclose(both.cc, one.cc + other.cc)
+
+
 def test_a_trained_erasure_beside_the_projections_does_not_stop_the_joint_solve(tiny_sd):
     """An ESD-u erasure between two closed-form ones (a shape between two artists) leaves the key/value projections
     alone, so the second closed-form erasure still solves both from the base and the ESD-u tensors stay as trained;
