@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers in a tmp dir, started once per test run per kind, and a tiny random SD folder.
+"""Shared fixtures: real servers in a tmp dir, started once per pytest worker per kind, and a tiny random SD folder.
 
 Nothing is mocked. `stack` (S3 + MLflow on SQLite) and `pg_stack` (S3 + MLflow on PostgreSQL) serve the
 registry tests; the full stack with the Prefect server and worker starts only where Prefect is needed
@@ -25,6 +25,13 @@ from infra.settings import Settings
 quiet()
 
 PG_DSN = dict(host="127.0.0.1", port=5432, dbname="postgres")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault table, here because the controlling process of a multi-worker run loads only this conftest."""
+    from tests.ledger import summary
+
+    summary(terminalreporter)
 
 
 def _port_free(port: int) -> bool:
