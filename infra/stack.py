@@ -187,11 +187,29 @@ def _ensure_bucket(s: Settings, timeout: float = 60) -> None:
             if s.s3_bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
                 client.create_bucket(Bucket=s.s3_bucket)
             client.put_object(Bucket=s.s3_bucket, Key=".esd-ready", Body=b"ok")
-            return
+            break
         except (BotoCoreError, ClientError) as exc:
             if time.monotonic() > deadline:
                 raise StackError(f"S3 at {s.s3_url} answers but bucket {s.s3_bucket} is not writable: {exc}") from None
             time.sleep(1)
+    if s.local_s3:
+        _wait_listening(s, (s.weed_master_port, s.weed_volume_port, s.weed_filer_port, s.weed_admin_port), deadline)
+
+
+def _wait_listening(s: Settings, ports: tuple[int, ...], deadline: float) -> None:
+    # weed mini binds its admin server last, sometimes after S3 answers: up is done when every port it was given
+    # listens, so that an audit right after it finds every socket.
+    import socket
+
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection((s.host, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"SeaweedFS started but nothing listens on {s.host}:{port}") from None
+                time.sleep(0.5)
 
 
 SEAWEEDFS = Service(
