@@ -36,9 +36,9 @@ browser:
 	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; fi
 
 # Two pytest workers, a test module each at a time (each starts its own servers where its modules need them), torch
-# in each process with its share of the cores (one each here): run one after the other, the tests leave the cores idle 40% of the time while they wait on
-# servers and flow-run processes; two lanes keep them busy, and torch's default thread per core in each lane would
-# oversubscribe them (a run with it was slower than one lane).
+# in each process with its share of the cores (one each here). Run one after the other, the tests leave the cores
+# idle 40% of the time while they wait on servers and flow-run processes; two lanes keep them busy, and torch's
+# default thread per core in each lane would oversubscribe them (a run with it was slower than one lane).
 TEST_WORKERS ?= 2
 test: install browser
 	OMP_NUM_THREADS=$$(( $$(nproc) > $(TEST_WORKERS) ? $$(nproc) / $(TEST_WORKERS) : 1 )) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20

@@ -187,21 +187,23 @@ def _ensure_bucket(s: Settings, timeout: float = 60) -> None:
             if s.s3_bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
                 client.create_bucket(Bucket=s.s3_bucket)
             client.put_object(Bucket=s.s3_bucket, Key=".esd-ready", Body=b"ok")
-            break
+            return
         except (BotoCoreError, ClientError) as exc:
             if time.monotonic() > deadline:
                 raise StackError(f"S3 at {s.s3_url} answers but bucket {s.s3_bucket} is not writable: {exc}") from None
             time.sleep(1)
-    if s.local_s3:
-        _wait_listening(s, (s.weed_master_port, s.weed_volume_port, s.weed_filer_port, s.weed_admin_port), deadline)
 
 
-def _wait_listening(s: Settings, ports: tuple[int, ...], deadline: float) -> None:
-    # weed mini binds its admin server last, sometimes after S3 answers: up is done when every port it was given
-    # listens, so that an audit right after it finds every socket.
+def _weed_ready(s: Settings, timeout: float = 60) -> None:
+    """The bucket writable; a local weed mini also listening on every port it was given: it binds its admin server
+    last, sometimes after S3 answers, and an audit right after `up` is to find every socket."""
     import socket
 
-    for port in ports:
+    _ensure_bucket(s, timeout)
+    if not s.local_s3:
+        return
+    deadline = time.monotonic() + timeout
+    for port in (s.weed_master_port, s.weed_volume_port, s.weed_filer_port, s.weed_admin_port):
         while True:
             try:
                 socket.create_connection((s.host, port), timeout=1).close()
@@ -215,7 +217,7 @@ def _wait_listening(s: Settings, ports: tuple[int, ...], deadline: float) -> Non
 SEAWEEDFS = Service(
     name="seaweedfs", local=lambda s: s.local_s3, address=lambda s: s.s3_url,
     health_url=lambda s: f"{s.s3_url}/healthz" if s.local_s3 else s.s3_url,
-    command=_weed_command, env=lambda s: {}, prepare=_weed_prepare, ready=_ensure_bucket, cwd=_weed_dir,
+    command=_weed_command, env=lambda s: {}, prepare=_weed_prepare, ready=_weed_ready, cwd=_weed_dir,
     auth=lambda s: _anonymous_refused(s.s3_url, "s3"))
 
 
