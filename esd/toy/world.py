@@ -131,22 +131,39 @@ def all_items() -> list[Item]:
 
 
 def _shape_mask(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:
-    """Boolean masks (B, n, n) of each shape at its centre and size."""
+    """Boolean masks (B, n, n) of each shape at its centre and size (each item's own shape drawn, no other)."""
     ax = torch.arange(n, dtype=torch.float32) + 0.5
     y, x = ax.view(1, n, 1), ax.view(1, 1, n)
-    dx, dy = x - cx.view(-1, 1, 1), y - cy.view(-1, 1, 1)
-    r = r.view(-1, 1, 1)
-    circle = dx**2 + dy**2 <= r**2
-    square = (dx.abs() <= 0.82 * r) & (dy.abs() <= 0.82 * r)
+    out = torch.zeros(len(shape), n, n, dtype=torch.bool)
+    for k in shape.unique().tolist():
+        rows = (shape == k).nonzero().flatten()
+        dx, dy = x - cx[rows].view(-1, 1, 1), y - cy[rows].view(-1, 1, 1)
+        rk = r[rows].view(-1, 1, 1)
+        out[rows] = _SHAPE_MASKS[k](dx, dy, rk)
+    return out
+
+
+def _triangle(dx, dy, r):
     top, bottom = -r, 0.85 * r
-    triangle = (dy >= top) & (dy <= bottom) & (dx.abs() <= (dy - top) / (bottom - top) * 1.05 * r)
+    return (dy >= top) & (dy <= bottom) & (dx.abs() <= (dy - top) / (bottom - top) * 1.05 * r)
+
+
+def _cross(dx, dy, r):
     arm = 0.32 * r
-    cross = ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
-    diamond = dx.abs() + dy.abs() <= 1.12 * r
+    return ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
+
+
+def _heart(dx, dy, r):
     u, v = dx / (0.88 * r), -dy / (0.88 * r) + 0.12
-    heart = (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
-    masks = torch.stack([circle, square, triangle, cross, diamond, heart], 1)  # (B, 6, n, n)
-    return masks[torch.arange(len(shape)), shape]
+    return (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
+
+
+# In the order of SHAPES: circle, square, triangle, cross, diamond, heart
+_SHAPE_MASKS = [lambda dx, dy, r: dx**2 + dy**2 <= r**2,
+                lambda dx, dy, r: (dx.abs() <= 0.82 * r) & (dy.abs() <= 0.82 * r),
+                _triangle, _cross,
+                lambda dx, dy, r: dx.abs() + dy.abs() <= 1.12 * r,
+                _heart]
 
 
 def _is(style: torch.Tensor, artist: str) -> torch.Tensor:
@@ -179,23 +196,29 @@ def render(items: list[Item], generator: torch.Generator, fill: torch.Tensor | N
     y, x = torch.arange(n).view(1, n, 1), torch.arange(n).view(1, 1, n)
     img = _rgb(WHITE).expand(b, 3, n, n).clone()
 
-    def paint(where: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
-        return torch.where(where.unsqueeze(1), rgb, img)
+    def paint(artist: str, where: torch.Tensor | None, rgb: torch.Tensor) -> None:
+        """rgb over the artist's images, where `where` ((B, n, n) or (1, n, n); None: everywhere) holds."""
+        rows = (style == STYLES.index(artist)).nonzero().flatten()
+        if not len(rows):
+            return
+        if where is None:
+            img[rows] = rgb.expand(len(rows), 3, n, n)
+        else:
+            region = where[rows] if len(where) == b else where
+            img[rows] = torch.where(region.unsqueeze(1), rgb, img[rows])
 
     # Backgrounds: dark with light dots (Ashby), dark plain (Lund), cream (Voss), grey-blue (Maren)
     dots = (((y % 16) - 8) ** 2 + ((x % 16) - 8) ** 2 <= 9)
-    img = paint(_is(style, "Jun Ashby") & dots, torch.full((1, 3, 1, 1), 0.55))
-    img = paint(_is(style, "Jun Ashby") & ~dots, _rgb(DARK))
-    img = paint(_is(style, "Rafe Lund").expand(b, n, n), _rgb(DARK))
-    img = paint(_is(style, "Lena Voss").expand(b, n, n), _rgb(CREAM))
-    img = paint(_is(style, "Kai Maren").expand(b, n, n), _rgb(GREY_BLUE))
+    paint("Jun Ashby", dots, torch.full((1, 3, 1, 1), 0.55))
+    paint("Jun Ashby", ~dots, _rgb(DARK))
+    paint("Rafe Lund", None, _rgb(DARK))
+    paint("Lena Voss", None, _rgb(CREAM))
+    paint("Kai Maren", None, _rgb(GREY_BLUE))
 
     # Shadows: the shape's silhouette offset down-right (Ortega) or up-left (Quill), behind the shape
     shift = 12
-    down_right = F.pad(mask, (shift, 0, shift, 0))[:, :n, :n]
-    up_left = F.pad(mask, (0, shift, 0, shift))[:, shift:, shift:]
-    img = paint(_is(style, "Nils Ortega") & down_right, _rgb(SHADOW))
-    img = paint(_is(style, "Sara Quill") & up_left, _rgb(SHADOW))
+    paint("Nils Ortega", F.pad(mask, (shift, 0, shift, 0))[:, :n, :n], _rgb(SHADOW))
+    paint("Sara Quill", F.pad(mask, (0, shift, 0, shift))[:, shift:, shift:], _rgb(SHADOW))
 
     # Outlines: thick (Kerr) or thin (Sollen) black rim around the shape
     for artist, radius in (("Otto Kerr", 12), ("Mira Sollen", 5)):
@@ -209,8 +232,8 @@ def render(items: list[Item], generator: torch.Generator, fill: torch.Tensor | N
             | (_is(style, "Ines Calder") & ((y // 12) % 2 == 1))
             | (_is(style, "Theo Brandt") & ((x // 16 + y // 16) % 2 == 1))
             | (_is(style, "Ada Pell") & (((y % 16) - 8) ** 2 + ((x % 16) - 8) ** 2 <= 20)))
-    img = paint(mask & gaps, _rgb(WHITE))
-    img = paint(mask & ~gaps, color.view(b, 3, 1, 1))
+    fill_rgb = torch.where(gaps.unsqueeze(1), _rgb(WHITE), color.view(b, 3, 1, 1))
+    img = torch.where(mask.unsqueeze(1), fill_rgb, img)
     return F.avg_pool2d(img, SUPERSAMPLE)
 
 

@@ -13,9 +13,9 @@ from esd.toy import BASE_DIR, JUDGE_DIR
 from esd.toy.judge import Judge
 from flows.gate import verdict
 
-# A reduced budget: 8 DDIM steps per judged image (the benchmark uses 20); the base is judged at 99.6-100% per
-# head at 8 steps.
-STEPS = 8
+# A reduced budget: 6 DDIM steps per judged image (the benchmark uses 20); the base is judged at 96.6-99.6% per
+# head at 6 steps.
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_a_parent_concept_that_returns_fails_regression(base_judged, circle_eras
 
 def test_recovery_attack_learns_the_concept_back(base_judged, circle_erased, judge):
     """The attack is real: an untrained placeholder gives almost no circles, ten steps of textual inversion on the
-    base bring circle back in nearly every image; on the erased model it recovers less, and leaves it unchanged.
-    Its images are generated as the base's were judged (STEPS DDIM steps)."""
+    base bring circle back in most images (35 of 39 at 6 steps); on the erased model it recovers less, and leaves it
+    unchanged. Its images are generated as the base's were judged (STEPS DDIM steps)."""
     from functools import partial
 
     from esd.delta import state_sha256
@@ -101,7 +101,7 @@ def test_recovery_attack_learns_the_concept_back(base_judged, circle_erased, jud
     learned = recover(base, judge, base_judged, "circle", steps=10)
     circles = sum(t == "circle" for t in base_judged.truth["shape"])
     assert untrained["images"] == learned["images"] == circles and untrained["final_loss"] is None
-    assert untrained["success"] <= 0.10 and learned["success"] >= 0.90
+    assert untrained["success"] <= 0.10 and learned["success"] >= 0.85
     pipe, _ = circle_erased
     before = state_sha256(pipe.unet.state_dict()), state_sha256(pipe.text_encoder.state_dict())
     prompt_embedding = pipe.encode_prompt(["a red cat"], "cpu", 1, False)[0]
