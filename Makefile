@@ -33,7 +33,7 @@ browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get install -y -q chromium chromium-driver || \
-	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; fi
+	  { $$SUDO dpkg --configure -a; $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; fi
 
 # Two pytest workers, a test module each at a time (each starts its own servers where its modules need them), torch
 # in each process with its share of the cores (one each here). Run one after the other, the tests leave the cores
