@@ -196,35 +196,32 @@ def render(items: list[Item], generator: torch.Generator, fill: torch.Tensor | N
     y, x = torch.arange(n).view(1, n, 1), torch.arange(n).view(1, 1, n)
     img = _rgb(WHITE).expand(b, 3, n, n).clone()
 
-    def paint(artist: str, where: torch.Tensor | None, rgb: torch.Tensor) -> None:
-        """rgb over the artist's images, where `where` ((B, n, n) or (1, n, n); None: everywhere) holds."""
+    def paint(artist: str, where, rgb: torch.Tensor) -> None:
+        """rgb over the artist's images where where(rows) holds (a mask (len(rows) or 1, n, n); None: everywhere)."""
         rows = (style == STYLES.index(artist)).nonzero().flatten()
         if not len(rows):
             return
         if where is None:
             img[rows] = rgb.expand(len(rows), 3, n, n)
         else:
-            region = where[rows] if len(where) == b else where
-            img[rows] = torch.where(region.unsqueeze(1), rgb, img[rows])
+            img[rows] = torch.where(where(rows).unsqueeze(1), rgb, img[rows])
 
     # Backgrounds: dark with light dots (Ashby), dark plain (Lund), cream (Voss), grey-blue (Maren)
     dots = (((y % 16) - 8) ** 2 + ((x % 16) - 8) ** 2 <= 9)
-    paint("Jun Ashby", dots, torch.full((1, 3, 1, 1), 0.55))
-    paint("Jun Ashby", ~dots, _rgb(DARK))
+    paint("Jun Ashby", lambda rows: dots, torch.full((1, 3, 1, 1), 0.55))
+    paint("Jun Ashby", lambda rows: ~dots, _rgb(DARK))
     paint("Rafe Lund", None, _rgb(DARK))
     paint("Lena Voss", None, _rgb(CREAM))
     paint("Kai Maren", None, _rgb(GREY_BLUE))
 
     # Shadows: the shape's silhouette offset down-right (Ortega) or up-left (Quill), behind the shape
     shift = 12
-    paint("Nils Ortega", F.pad(mask, (shift, 0, shift, 0))[:, :n, :n], _rgb(SHADOW))
-    paint("Sara Quill", F.pad(mask, (0, shift, 0, shift))[:, shift:, shift:], _rgb(SHADOW))
+    paint("Nils Ortega", lambda rows: F.pad(mask[rows], (shift, 0, shift, 0))[:, :n, :n], _rgb(SHADOW))
+    paint("Sara Quill", lambda rows: F.pad(mask[rows], (0, shift, 0, shift))[:, shift:, shift:], _rgb(SHADOW))
 
     # Outlines: thick (Kerr) or thin (Sollen) black rim around the shape
-    for artist, radius in (("Otto Kerr", 12), ("Mira Sollen", 5)):
-        rows = (style == STYLES.index(artist)).nonzero().flatten()
-        if len(rows):
-            img[rows] = torch.where(_dilate(mask[rows], radius).unsqueeze(1), torch.zeros(1, 3, 1, 1), img[rows])
+    paint("Otto Kerr", lambda rows: _dilate(mask[rows], 12), torch.zeros(1, 3, 1, 1))
+    paint("Mira Sollen", lambda rows: _dilate(mask[rows], 5), torch.zeros(1, 3, 1, 1))
 
     # Fills: white gaps of diagonal (Moreau) or horizontal (Calder) stripes, a checkerboard (Brandt),
     # white polka dots (Pell); everyone else fills solid
