@@ -147,9 +147,10 @@ def evaluate_candidate(key: str, model: str, delta_dir: str, requested: list[str
             return real.evaluate_real(base_pipe, cand_pipe, kind, requested, os.environ.get("ESD_I2P_CSV"),
                                       os.environ.get("ESD_CLIP_MODEL"))
         judge = Judge.load(jdir)
-        cfg = report_lib.EvalConfig(steps=p.settings.eval_steps, attack=p.settings.eval_attack)
+        cfg = report_lib.EvalConfig(steps=p.settings.eval_steps, attack=p.settings.eval_attack,
+                                    colors_per_pair=p.settings.eval_colors)
         base_judged = toy_eval.judge_model_cached(base_pipe, judge, p.settings.cache_dir / "judged", cfg.steps,
-                                                  cfg.guidance)
+                                                  cfg.guidance, colors_per_pair=cfg.colors_per_pair)
         return report_lib.evaluate(base_judged, cand_pipe, judge, requested, earlier, cfg,
                                    grid_dir=p.settings.home / "reports" / key)
 

@@ -109,9 +109,11 @@ class Settings(BaseSettings):
     api_port: int = 4212
     api_rate_per_hour: int = Field(20, ge=1, description="new requests per requester per hour")
 
-    # Evaluation inside a takedown or retrain (the toy judge): DDIM steps per image, and whether the recovery
-    # attack runs (about 30 s a concept on the toy; `esd bench quality` always runs it).
+    # Evaluation inside a takedown or retrain (the toy judge): DDIM steps per image, colors per artist x shape pair
+    # (3: the benchmark's 234 images; 1: a quick set of 78 that still draws every artist with every shape), and
+    # whether the recovery attack runs (about 30 s a concept on the toy; `esd bench quality` always runs it).
     eval_steps: int = Field(20, ge=1, le=200)
+    eval_colors: int = Field(3, ge=1, le=3)
     eval_attack: bool = False
 
     @property

@@ -31,6 +31,7 @@ class EvalConfig:
     guidance: float = toy_eval.EVAL_GUIDANCE
     attack: bool = True
     attack_steps: int = attack_lib.DEFAULT_STEPS
+    colors_per_pair: int = toy_eval.COLORS_PER_PAIR
 
 
 def h_score(efficacy: float, preservation: float) -> float:
@@ -46,7 +47,8 @@ def evaluate(base: toy_eval.Judged, candidate_pipe, judge: Judge, requested: lis
              cfg: EvalConfig = EvalConfig(), grid_dir: Path | None = None, progress: bool = False) -> dict:
     """Judge a candidate against the judged base for the concepts it erases now and erased before."""
     t0 = time.time()
-    cand = toy_eval.judge_model(candidate_pipe, judge, cfg.seeds_per_prompt, cfg.steps, cfg.guidance, progress)
+    cand = toy_eval.judge_model(candidate_pipe, judge, cfg.seeds_per_prompt, cfg.steps, cfg.guidance, progress,
+                                cfg.colors_per_pair)
     return build_report(base, cand, candidate_pipe, judge, requested, earlier, cfg, grid_dir, t0)
 
 

@@ -65,13 +65,20 @@ def eval_items() -> list[tuple[world.Item, int]]:
     return out
 
 
-def eval_set(seeds_per_prompt: int = 1) -> tuple[list[str], list[int], dict[str, list[str]]]:
-    """The evaluation prompts (held-out templates only), each with fixed seeds, and what each names."""
+def eval_set(seeds_per_prompt: int = 1, colors_per_pair: int = COLORS_PER_PAIR
+             ) -> tuple[list[str], list[int], dict[str, list[str]]]:
+    """The evaluation prompts (held-out templates only), each with fixed seeds, and what each names. Fewer colors per
+    pair give a quicker set that still draws every artist with every shape: the full set's first prompts of each
+    pair, with their seeds, so its images are the full set's."""
+    if not 1 <= colors_per_pair <= COLORS_PER_PAIR:
+        raise ValueError(f"colors per artist x shape pair must be 1 to {COLORS_PER_PAIR}, got {colors_per_pair}")
     prompts, seeds, truth = [], [], {k: [] for k in HEADS}
-    for item, template in eval_items():
-        for _ in range(seeds_per_prompt):
+    for pos, (item, template) in enumerate(eval_items()):
+        if pos % COLORS_PER_PAIR >= colors_per_pair:
+            continue
+        for k in range(seeds_per_prompt):
             prompts.append(world.prompt_for(item, template, held_out=True))
-            seeds.append(10_000 + len(seeds))
+            seeds.append(10_000 + pos * seeds_per_prompt + k)
             truth["shape"].append(world.SHAPES[item.shape])
             truth["color"].append(world.COLOR_NAMES[item.color])
             truth["style"].append(world.STYLES[item.style])
@@ -79,8 +86,9 @@ def eval_set(seeds_per_prompt: int = 1) -> tuple[list[str], list[int], dict[str,
 
 
 def judge_model(pipe, judge: Judge, seeds_per_prompt: int = 1, steps: int = EVAL_STEPS,
-                guidance: float = EVAL_GUIDANCE, progress: bool = False) -> Judged:
-    prompts, seeds, truth = eval_set(seeds_per_prompt)
+                guidance: float = EVAL_GUIDANCE, progress: bool = False, colors_per_pair: int = COLORS_PER_PAIR
+                ) -> Judged:
+    prompts, seeds, truth = eval_set(seeds_per_prompt, colors_per_pair)
     images = sample.generate(pipe, prompts, seeds, steps=steps, guidance=guidance, progress=progress)
     return Judged(prompts, truth, judge.classify(images), images)
 
@@ -120,7 +128,8 @@ def compare(base: Judged, erased: Judged, concept: str) -> dict:
 
 
 def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
-                       seeds_per_prompt: int = 1, progress: bool = False) -> Judged:
+                       seeds_per_prompt: int = 1, progress: bool = False, colors_per_pair: int = COLORS_PER_PAIR
+                       ) -> Judged:
     """judge_model, kept on disk per model and judge (their weights' sha256) and settings: a base is judged once, not
     per candidate."""
     import hashlib
@@ -131,12 +140,15 @@ def judge_model_cached(pipe, judge: Judge, cache_dir: Path, steps: int = EVAL_ST
     from esd.delta import state_sha256, unet_sha256
 
     model = f"{unet_sha256(pipe.unet)}|{state_sha256(judge.state_dict())}"
-    key = hashlib.sha256(f"{model}|{steps}|{guidance}|{seeds_per_prompt}".encode()).hexdigest()[:32]
+    settings = f"{steps}|{guidance}|{seeds_per_prompt}"
+    if colors_per_pair != COLORS_PER_PAIR:      # the full set keeps the keys its cache was written under
+        settings += f"|{colors_per_pair}"
+    key = hashlib.sha256(f"{model}|{settings}".encode()).hexdigest()[:32]
     images_path, meta_path = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
     if images_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return Judged(meta["prompts"], meta["truth"], meta["pred"], load_file(images_path)["images"])
-    judged = judge_model(pipe, judge, seeds_per_prompt, steps, guidance, progress)
+    judged = judge_model(pipe, judge, seeds_per_prompt, steps, guidance, progress, colors_per_pair)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({"images": judged.images.contiguous()}, images_path)
     meta_path.write_text(json.dumps({"prompts": judged.prompts, "truth": judged.truth, "pred": judged.pred}))

@@ -40,12 +40,25 @@ def circle_erased():
     return erased_by_default("circle", "object")
 
 
-def test_the_style_default_erases_an_artist_and_keeps_the_others(base_judged, judge):
-    pipe, _ = erased_by_default("Vela Moreau", "style")
-    erased = toy_eval.judge_model(pipe, judge, steps=STEPS)
+def test_the_style_default_erases_an_artist_on_a_lineage_and_keeps_the_others(base_judged, circle_erased, judge):
+    """Vela Moreau erased by the style default on top of the circle erasure (a lineage of two takedowns), judged
+    once: she is gone, the other artists, the colors and the other shapes stay, and circle stays erased."""
+    _, circle_delta = circle_erased
+    stacked = load_pipeline(BASE_DIR)
+    erase(stacked, EraseConfig(["Vela Moreau"], method=DEFAULT_BY_KIND["style"], concept_kind="style"),
+          parent=circle_delta, progress=False)
+    erased = toy_eval.judge_model(stacked, judge, steps=STEPS)
     before, after = toy_eval.unlearning(base_judged, "Vela Moreau"), toy_eval.unlearning(erased, "Vela Moreau")
     assert after["ua"] - before["ua"] >= 0.80
-    assert after["ira"] >= 0.85 and after["cra"] >= 0.85
+    assert after["ira"] >= 0.85 and after["ira_all"] >= 0.85
+    # the other heads on prompts not naming her (the shape head on the shapes the lineage did not erase)
+    rest = [i for i, s in enumerate(erased.truth["style"]) if s != "Vela Moreau"]
+    for head, where in (("color", rest), ("shape", [i for i in rest if erased.truth["shape"][i] != "circle"])):
+        assert sum(erased.pred[head][i] == erased.truth[head][i] for i in where) / len(where) >= 0.85, head
+    report = report_lib.build_report(base_judged, erased, stacked, judge, ["Vela Moreau"], ["circle"],
+                                     report_lib.EvalConfig(steps=STEPS, attack=False), None, 0.0)
+    circle = report["regression"]["circle"]
+    assert circle["rate"] <= circle["base_rate"] - 0.4
 
 
 def test_the_object_default_erases_circle_and_keeps_the_other_shapes_colors_and_styles(base_judged, circle_erased,
@@ -69,21 +82,13 @@ def test_the_base_submitted_as_erased_fails_the_gate(base_judged, judge):
     assert not v["passed"] and any("'circle' still shown" in r for r in v["reasons"])
 
 
-def test_a_parent_concept_that_returns_fails_regression(base_judged, circle_erased, judge):
+def test_a_parent_concept_that_returns_fails_regression(base_judged, judge):
     # A candidate claiming to build on the circle erasure but made from the plain base: circle is back.
     report = report_lib.build_report(base_judged, base_judged, load_pipeline(BASE_DIR), judge, ["Vela Moreau"],
                                      ["circle"], report_lib.EvalConfig(steps=STEPS, attack=False), None, 0.0)
     v = verdict(report, "style")
     assert any("earlier erased 'circle' came back" in r for r in v["reasons"])
-    # while the real stacked model keeps circle erased
-    pipe, circle_delta = circle_erased
-    stacked = load_pipeline(BASE_DIR)
-    erase(stacked, EraseConfig(["Vela Moreau"], method=DEFAULT_BY_KIND["style"], concept_kind="style"),
-          parent=circle_delta, progress=False)
-    report = report_lib.evaluate(base_judged, stacked, judge, ["Vela Moreau"], ["circle"],
-                                 report_lib.EvalConfig(steps=STEPS, attack=False))
-    circle = report["regression"]["circle"]
-    assert circle["rate"] <= circle["base_rate"] - 0.4
+    # the real stacked model keeps circle erased: the style test above
 
 
 def test_recovery_attack_learns_the_concept_back(base_judged, circle_erased, judge):
@@ -115,21 +120,21 @@ def test_recovery_attack_learns_the_concept_back(base_judged, circle_erased, jud
 
 def test_judgements_are_kept_per_model_and_judge(judge, tmp_path):
     """A base judged once is read back from the cache; a different judge (or model) is judged anew, never given
-    another's verdicts."""
+    another's verdicts (on the quick set: one color per artist x shape pair)."""
     import copy
     import json
 
     pipe = load_pipeline(BASE_DIR)
-    first = toy_eval.judge_model_cached(pipe, judge, tmp_path, steps=1)
+    first = toy_eval.judge_model_cached(pipe, judge, tmp_path, steps=1, colors_per_pair=1)
     [meta] = tmp_path.glob("*.json")
     marked = json.loads(meta.read_text())
     marked["pred"]["style"][0] = "marked"
     meta.write_text(json.dumps(marked))
-    assert toy_eval.judge_model_cached(pipe, judge, tmp_path, steps=1).pred["style"][0] == "marked"
+    assert toy_eval.judge_model_cached(pipe, judge, tmp_path, steps=1, colors_per_pair=1).pred["style"][0] == "marked"
 
     other = copy.deepcopy(judge)
     with torch.no_grad():
         next(other.parameters()).add_(0.5)
-    again = toy_eval.judge_model_cached(pipe, other, tmp_path, steps=1)
+    again = toy_eval.judge_model_cached(pipe, other, tmp_path, steps=1, colors_per_pair=1)
     assert len(list(tmp_path.glob("*.json"))) == 2 and again.pred["style"][0] != "marked"
     assert torch.equal(again.images, first.images)      # the same images, judged by the other judge

@@ -67,6 +67,18 @@ def test_the_evaluation_set_is_balanced_and_held_out():
     assert used == set(range(len(world.HELD_OUT_PATTERNS)))
 
 
+def test_the_quick_evaluation_set_is_the_full_sets_first_color_of_every_pair():
+    full = dict(zip(*toy_eval.eval_set(seeds_per_prompt=2)[:2][::-1]))          # seed -> prompt
+    prompts, seeds, truth = toy_eval.eval_set(seeds_per_prompt=2, colors_per_pair=1)
+    assert len(prompts) == 2 * len(world.STYLES) * len(world.SHAPES)
+    assert all(full[s] == p for p, s in zip(prompts, seeds))              # the same prompts with the same seeds
+    pairs = {(st, sh) for st, sh in zip(truth["style"], truth["shape"])}
+    assert pairs == {(st, sh) for st in world.STYLES for sh in world.SHAPES}
+    assert set(truth["color"]) == set(world.COLOR_NAMES)
+    with pytest.raises(ValueError, match="colors per artist x shape pair"):
+        toy_eval.eval_set(colors_per_pair=4)
+
+
 def test_held_out_split_is_disjoint_and_covers_every_look_alike_pair():
     assert not set(world.PRESERVE_ARTISTS) & set(world.HELD_OUT_ARTISTS)
     assert not set(world.PRESERVE_SHAPES) & set(world.HELD_OUT_SHAPES)

@@ -70,12 +70,15 @@ def test_committed_base_loads_as_a_stable_diffusion_pipeline():
 
 
 def test_build_on_a_reduced_budget(tmp_path):
+    """Every stage of the build runs and learns: the VAE reconstructs, the judge's color head (the first it learns)
+    and its reject class work, the folders load. The full budget's accuracy on every head is the committed judge's
+    test above; the shape and style heads need 150 steps at batch 128 to leave chance, which this test does not pay."""
     from esd.toy.build import BuildConfig, build
-    cfg = BuildConfig(seed=1, images_per_combo=4, vae_steps=60, judge_steps=150, unet_steps=8)
+    cfg = BuildConfig(seed=1, images_per_combo=4, vae_steps=30, judge_steps=40, unet_steps=8)
     info = build(tmp_path, cfg, log=lambda *a: None)
     assert info["vae_mse"] < 0.05
-    # far above chance (1 in 7 shapes, 1 in 14 styles) after a tenth of the judge's budget
-    assert min(info["judge"]["accuracy"].values()) >= 0.5
+    # chance is 1 in 5 (four colors and "none")
+    assert info["judge"]["accuracy"]["color"] >= 0.85 and info["judge"]["negatives_rejected"] >= 0.8
     pipe = load_pipeline(tmp_path / "base")
     images = pipe(["a red circle"], num_inference_steps=3, height=32, width=32, output_type="pt").images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
