@@ -14,7 +14,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser demo test faults bench clean
+.PHONY: install browser demo test faults screenshots bench clean
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ test: install browser
 faults: install
 	set -o pipefail; $(BIN)/python -m pytest -q tests/faults 2>&1 | tee $(VENV)/faults.log
 	@grep -E '^(faults|bad input):' $(VENV)/faults.log
+
+# The browser test alone, its takedown judged as the benchmark judges (20 steps, the full set), saving its screenshots
+# over the README's (`make test` judges 2 steps of the quick set and keeps its screenshots out of the checkout).
+screenshots: install browser
+	ESD_SCREENSHOTS=docs/screenshots ESD_EVAL_STEPS=20 ESD_EVAL_COLORS=3 $(BIN)/python -m pytest -q tests/flows/test_pages.py
 
 bench: install
 	$(BIN)/esd bench quality

@@ -153,9 +153,12 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 # What the worker's flow runs read: orchestration is under test with it, not quality (2-step evaluation, the fewest
 # whose images the judge still reads, of the quick set: every artist with every shape once; no attack, a gate that
-# passes any candidate; tests/flows/test_gate.py tests the gate).
+# passes any candidate; tests/flows/test_gate.py tests the gate). ESD_EVAL_STEPS and ESD_EVAL_COLORS set in the
+# environment are kept (`make screenshots` judges as the benchmark does, for the README's pictures).
 PERMISSIVE = '{"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0}'
-FLOW_ENV = {"ESD_EVAL_STEPS": "2", "ESD_EVAL_COLORS": "1", "ESD_EVAL_ATTACK": "false", "ESD_GATE_STYLE": PERMISSIVE,
+FLOW_ENV = {"ESD_EVAL_STEPS": os.environ.get("ESD_EVAL_STEPS", "2"),
+            "ESD_EVAL_COLORS": os.environ.get("ESD_EVAL_COLORS", "1"), "ESD_EVAL_ATTACK": "false",
+            "ESD_GATE_STYLE": PERMISSIVE,
             "ESD_GATE_OBJECT": PERMISSIVE, "ESD_GATE_CUSTOM": PERMISSIVE,
             # the reaper runs when a test calls it; a run on its 10-minute schedule would hold the one worker slot
             "ESD_REAP_MINUTES": "1440"}
