@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from typer.exceptions import TyperException
 
 from flows.platform import Platform
 from infra.errors import errors_as_one_line, fail
 from infra import users
-from infra.settings import Settings
+from infra.settings import Settings, settings_error
 
 # Lines are not broken at the terminal's width: ids and URLs stay whole, to copy.
 console = Console(soft_wrap=True)
@@ -492,7 +493,12 @@ def main() -> None:
     quiet()
     # Prefect reads its API address, home and auth from the environment, MLflow its credentials: set them before
     # any client exists, so no command ever falls back to a temporary server of its own.
-    for k, v in Settings().client_env().items():
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"error: {settings_error(exc)}", err=True)
+        sys.exit(1)
+    for k, v in settings.client_env().items():
         os.environ.setdefault(k, v)
     sys.exit(invoke())
 

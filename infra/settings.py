@@ -254,3 +254,10 @@ def actor(given: str | None = None) -> str:
     import getpass
 
     return (given or "").strip() or f"admin:{getpass.getuser()}"
+
+
+def settings_error(exc) -> str:
+    """A pydantic ValidationError of Settings as one line naming the first refused variable."""
+    err = exc.errors()[0]
+    name = "ESD_" + str(err["loc"][0]).upper() if err.get("loc") else "an ESD_ setting"
+    return f"setting {name} is refused: {err['msg']} (got {err.get('input')!r})"

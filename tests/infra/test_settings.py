@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
+
+import pytest
 
 from infra.settings import Settings
 
@@ -63,3 +68,18 @@ def test_external_services(tmp_path):
     assert s.s3_url == "https://s3.example.org" and s.tracking_uri == "https://mlflow.example.org"
     assert s.s3_keys() == ("AK", "SK") and not (tmp_path / "credentials.json").exists()
     assert Settings(home=tmp_path, s3_endpoint="https://s3.example.org").s3_keys() is None   # boto3's own chain
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("ESD_EVAL_COLORS", "5", "setting ESD_EVAL_COLORS is refused: Input should be less than or equal to 3"),
+    ("ESD_EVAL_STEPS", "many", "setting ESD_EVAL_STEPS is refused: Input should be a valid integer"),
+])
+def test_a_refused_setting_is_one_line_from_the_console_script(tmp_path, name, value, message):
+    home = tmp_path / "home"
+    env = os.environ | {"ESD_HOME": str(home), name: value}
+    r = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "stack", "status"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"error: {message}") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not home.exists()                          # nothing written
+
