@@ -74,7 +74,7 @@ def eval_set(seeds_per_prompt: int = 1, colors_per_pair: int = COLORS_PER_PAIR
         raise ValueError(f"colors per artist x shape pair must be 1 to {COLORS_PER_PAIR}, got {colors_per_pair}")
     prompts, seeds, truth = [], [], {k: [] for k in HEADS}
     for pos, (item, template) in enumerate(eval_items()):
-        if pos % COLORS_PER_PAIR >= colors_per_pair:
+        if pos % COLORS_PER_PAIR >= colors_per_pair:      # eval_items' innermost loop runs over a pair's colors
             continue
         for k in range(seeds_per_prompt):
             prompts.append(world.prompt_for(item, template, held_out=True))
