@@ -162,6 +162,10 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
               lamb: Optional[float] = typer.Option(None, help="closed-form: pull towards the original weights"),
               push: Optional[float] = typer.Option(None, help="closed-form: push away from the concept (0: none)"),
               rounds: Optional[int] = typer.Option(None, min=0, help="closed-form robust: rounds of recovered prompts"),
+              attack_rounds: Optional[int] = typer.Option(None, min=0, help="closed-form: rounds of soft tokens "
+                                                                            "learned on the edit and erased too"),
+              attack_steps: Optional[int] = typer.Option(None, min=1, help="closed-form: steps of each round's "
+                                                                           "textual inversion"),
               base: Path = typer.Option(None, help="diffusers folder or single-file .safetensors checkpoint "
                                                    "(default: the toy base)"),
               arch: Optional[str] = typer.Option(None, help="a single-file base's architecture (sd15, sd21, sd21-v, "
@@ -179,7 +183,8 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
                       guidance=guidance, seed=seed, anchor=anchor, mode=mode.value, sample_steps=sample_steps,
                       precision=precision.value, **kind, gradient_checkpointing=gradient_checkpointing, templates=template or None,
                       preserve=preserve or None, guide=guide, erase_scale=erase_scale, preserve_scale=preserve_scale,
-                      lamb=lamb, push=push, rounds=rounds).validate()
+                      lamb=lamb, push=push, rounds=rounds, attack_rounds=attack_rounds,
+                      attack_steps=attack_steps).validate()
     with as_folder(base or BASE_DIR, arch) as folder:
         pipe = load_pipeline(folder)
         d = erase(pipe, cfg)

@@ -43,15 +43,18 @@ PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0}
 # Closed-form methods (esd/uce.py): UCE's published settings (erase_scale 1, preserve_scale 1, lamb 0.5), no push
 # away from the concept, no hardening rounds, and RECE's regulariser (0.1) for the recovered embeddings.
 CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "push": 0.0,
-                        "rounds": 0, "robust_reg": 0.1}
+                        "rounds": 0, "robust_reg": 0.1, "attack_rounds": 0, "attack_steps": 60, "attack_scale": 1.0}
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
             "gradient_checkpointing")
-CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg")
+CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg", "attack_rounds", "attack_steps",
+                    "attack_scale", "soft_tokens")
+# Recorded by an erasure for its lineage to solve it again (the soft tokens its adversarial rounds learned), not asked
+RECORDED = ("soft_tokens",)
 # Settings of both kinds: the prompts a concept is erased in (with their guides) and the concepts held in place. An ESD
 # method given them erases inside the templates and adds a retain loss on the preserve prompts (esd-u-retain).
 PROMPT_SETTINGS = ("templates", "guide", "preserve", "preserve_scale")
-MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS = 64, 512, 10
+MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS, MAX_ATTACK_STEPS = 64, 512, 10, 1000
 # Bounds on what one request may ask of a worker: ESD's paper runs 1000 iterations over 50 DDIM steps.
 MAX_ITERATIONS, MAX_DDIM_STEPS = 100_000, 1000
 # Fast mode reaches x_t in at most this many DDIM jumps instead of up to 50 steps (the sampling is ~85% of the
@@ -109,6 +112,10 @@ class EraseConfig:
     push: float | None = None            # 0: map onto the guide; > 0: past it, away from the concept
     rounds: int | None = None            # hardening rounds against recovered embeddings (uce-robust: 2)
     robust_reg: float | None = None      # regulariser of the recovered embedding
+    attack_rounds: int | None = None     # rounds of textual inversion against the edit, each token found erased too
+    attack_steps: int | None = None      # optimisation steps of each round's inversion
+    attack_scale: float | None = None    # weight of the soft tokens' prompts, beside the erase prompts' erase_scale
+    soft_tokens: dict | None = None      # per concept, the input embeddings those rounds learned (recorded)
 
     @classmethod
     def with_overrides(cls, concepts: list[str], method: str, overrides: dict) -> "EraseConfig":
@@ -116,6 +123,9 @@ class EraseConfig:
         validated: an unknown setting or a bad value is refused before any work."""
         if not isinstance(overrides, dict):
             raise EraseError(f"erase settings must be a mapping, got {type(overrides).__name__}")
+        recorded = sorted(set(overrides) & set(RECORDED))
+        if recorded:
+            raise EraseError(f"{recorded[0]!r} is recorded by an erasure, not a setting a request gives")
         unknown = sorted(set(overrides) - (set(cls.__dataclass_fields__) - {"concepts", "method"}))
         if unknown:
             raise EraseError(f"unknown erase setting {unknown[0]!r}")
@@ -234,7 +244,7 @@ class EraseConfig:
             raise EraseError(f"preserve_scale must be a finite number >= 0, got {self.preserve_scale}")
         if self.kind == "esd":
             return
-        for name in ("erase_scale", "push"):
+        for name in ("erase_scale", "push", "attack_scale"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise EraseError(f"{name} must be a finite number >= 0, got {value}")
@@ -242,9 +252,19 @@ class EraseConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise EraseError(f"{name} must be a finite number > 0, got {value}")
-        if self.rounds is not None and (not isinstance(self.rounds, int) or isinstance(self.rounds, bool)
-                                        or not 0 <= self.rounds <= MAX_ROUNDS):
-            raise EraseError(f"rounds must be an integer from 0 to {MAX_ROUNDS}, got {self.rounds}")
+        for name, least, most in (("rounds", 0, MAX_ROUNDS), ("attack_rounds", 0, MAX_ROUNDS),
+                                  ("attack_steps", 1, MAX_ATTACK_STEPS)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not least <= value <= most):
+                raise EraseError(f"{name} must be an integer from {least} to {most}, got {value}")
+        if self.soft_tokens is not None:
+            named = {normal_concept(c) for c in self.concepts}
+            if not (isinstance(self.soft_tokens, dict) and all(
+                    isinstance(c, str) and normal_concept(c) in named and isinstance(vs, list) and all(
+                        isinstance(v, list) and v and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                        for v in vs) for c, vs in self.soft_tokens.items())):
+                raise EraseError("soft_tokens must map each erased concept to embeddings, lists of finite numbers")
 
     def used(self) -> dict:
         """The settings this run's method uses (the manifest's hyperparameters)."""

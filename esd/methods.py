@@ -66,6 +66,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _xattn_kv_weights, kind="closed-form", defaults={"align": "concept"}, benchmarked=True),
     Method("uce-tokens-robust", "uce-tokens re-solved against the embeddings that still recover the concept",
            _xattn_kv_weights, kind="closed-form", defaults={"align": "concept", "rounds": 2}, benchmarked=True),
+    Method("uce-tokens-adv", "uce-tokens re-solved against soft tokens learned on its own edit by textual inversion "
+           "of what the model drew of the concept (adversarial rounds, as AdvUnlearn; the tokens are kept in the "
+           "manifest)", _xattn_kv_weights, kind="closed-form",
+           defaults={"align": "concept", "attack_rounds": 2, "attack_scale": 0.3},
+           benchmarked=True),
     Method("uce-tokens-esd", "a short esd-u-retain erasure of what the UNet draws, then the uce-tokens edit of the "
            "keys and values: the edit takes the concept out of the prompt, the trained part holds against a recovered "
            "prompt", lambda n: _unconditioned(n) or _xattn_kv_weights(n), kind="combined",

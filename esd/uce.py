@@ -44,12 +44,15 @@ import torch
 from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
-from esd import methods
+from esd import inversion, methods, sample
 from esd.models import prediction_type
 from esd.erase import (EraseConfig, EraseError, delta_dtype, encode, finish_delta, model_defaults, normal_concept,
                        prompts, start_from)
 
 CHUNK = 64   # prompts per text-encoder batch
+# Adversarial rounds (uce-tokens-adv): how many of a concept's erase prompts the model draws for the inversion, with
+# what seeds (apart from the evaluation's) and DDIM steps
+ATTACK_IMAGES, ATTACK_SEED, ATTACK_SAMPLE_STEPS = 24, 20_000, 20
 
 
 def _span(ids: list[int], words: list[int]) -> range:
@@ -134,24 +137,46 @@ def names(text: str, concepts: set[str]) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(c)}(?!\w)", text) for c in concepts)
 
 
+def erase_prompts_of(cfg: EraseConfig, erased: set[str]) -> list[tuple]:
+    """cfg's erase prompts (with their guides), less those naming a concept another erasure solved with it removes."""
+    others = erased - {normal_concept(c) for c in cfg.concepts}
+    kept = [p for p in prompts(cfg)[0] if not names(p[0], others) and not names(p[1], others)]
+    if not kept:
+        raise EraseError(f"every prompt erasing {', '.join(cfg.concepts)} names another erased concept; "
+                         "give templates that do not")
+    return kept
+
+
+def adversarial_sums(pipe, erase_prompts: list[tuple], concept: str, vectors: list, push: float, d: int) -> Sums:
+    """The sums for the concept's erase prompts with the concept replaced by each soft token: the token's own
+    embedding and what follows it aimed at the guide prompt's, as the concept's are."""
+    key = normal_concept(concept)
+    pairs = [(inversion.placeholder_prompt(x, c), y, inversion.PLACEHOLDER_WORD)
+             for x, y, c in erase_prompts if normal_concept(c) == key]
+    out = Sums.zero(d)
+    for v in vectors:
+        with inversion.soft_token(pipe, torch.as_tensor(v, dtype=torch.float32)):
+            out = out.plus(sums(pipe, pairs, push, d, concept_tokens=True))
+    return out
+
+
 def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]:
     """The scaled sums of erasures solved together: each one's erase prompts (with their guides, its push and erase
-    scale), and the union of their preserve prompts (each once, at the scale of the first erasure that names it),
-    times the number of concepts erased.
+    scale; with the soft tokens its adversarial rounds learned in place of its concepts), and the union of their
+    preserve prompts (each once, at the scale of the first erasure that names it), times the number of concepts
+    erased.
     A prompt that names a concept another of them erases is left out: its guide or its preservation would hold on
     to what that one removes (a style's guide "a red circle" against the erasure of circle)."""
     erased = {normal_concept(c) for cfg in configs for c in cfg.concepts}
     e = Sums.zero(d)
     kept: dict[tuple, tuple[float, bool]] = {}
     for cfg in configs:
-        erase_prompts, preserve_prompts = prompts(cfg)
-        others = erased - {normal_concept(c) for c in cfg.concepts}
-        erase_prompts = [p for p in erase_prompts if not names(p[0], others) and not names(p[1], others)]
-        if not erase_prompts:
-            raise EraseError(f"every prompt erasing {', '.join(cfg.concepts)} names another erased concept; "
-                             "give templates that do not")
+        erase_prompts = erase_prompts_of(cfg, erased)
         e = e.plus(sums(pipe, erase_prompts, cfg.push, d, cfg.align == "concept"), cfg.erase_scale)
-        for p in preserve_prompts:
+        for concept, vectors in (cfg.soft_tokens or {}).items():
+            e = e.plus(adversarial_sums(pipe, erase_prompts, concept, vectors, cfg.push, d),
+                       cfg.erase_scale * cfg.attack_scale)
+        for p in prompts(cfg)[1]:
             if not names(p[0], erased):
                 kept.setdefault(p, (cfg.preserve_scale, cfg.align == "concept"))
     preserve = torch.zeros(d, d, dtype=torch.float64)
@@ -203,6 +228,12 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
     cfg = cfg.resolve(model_defaults(pipe))
     if cfg.kind != "closed-form":
         raise EraseError(f"{cfg.method} is not a closed-form method")
+    learn_tokens = bool(cfg.attack_rounds) and cfg.soft_tokens is None
+    if learn_tokens:
+        try:
+            inversion.check_pipeline(pipe)
+        except ValueError as err:
+            raise EraseError(f"{cfg.method}: {err}") from None
     unet = pipe.unet
     dtype = delta_dtype(pipe)
     base_sha256, base_state = start_from(unet, parent)
@@ -222,28 +253,78 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
         raise EraseError(f"the cross-attention projections read inputs of different sizes: {sorted(d)}")
     d = d.pop()
 
+    if learn_tokens:
+        # what the model draws of the concept before the edit: the images each round's inversion learns from
+        shown = concept_images(pipe, cfg)
+
     # Token embeddings of the erase prompts (with their guides) and the preserve prompts, as scaled sums
-    e, preserve = terms(pipe, (earlier or []) + [cfg], d)
+    configs = (earlier or []) + [cfg]
+    e, preserve = terms(pipe, configs, d)
     s = sum(w.T @ w for w in weights.values())
-    before = residual(torch.eye(d, dtype=torch.float64), s, e)
 
-    tc, cc = e.tc, e.cc
-    bar = tqdm(range(cfg.rounds + 1), desc=f"{cfg.method} {', '.join(cfg.concepts)}", disable=not progress)
-    for r in bar:
-        # Solve for every projection at once (UCE, Eq. 7)
-        m = solve(cfg.lamb, tc, cc, preserve)
-        loss = residual(m, s, e) / before if before > 0 else 0.0
-        bar.set_postfix(residual=f"{loss:.5f}")
-        if callback is not None:
-            callback(r + 1, loss)
-        if r < cfg.rounds:
-            # RECE: the embeddings that still recover the concept join the erase set, aimed at its targets
-            k = recovered(m, s, cfg.robust_reg)
-            tc, cc = tc + e.tc @ k.T, cc + k @ e.cc @ k.T
+    def write(m: torch.Tensor) -> None:
+        """W M into the UNet, rounded to the base's storage dtype."""
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_((weights[n] @ m).to(dtype))
 
-    # Write W M into the UNet, rounded to the base's storage dtype; final_loss: the share of the erase residual left
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_((weights[n] @ m).to(dtype))
+    attack_rounds = cfg.attack_rounds if learn_tokens else 0
+    bar = tqdm(total=(cfg.rounds + 1) * (1 + attack_rounds), desc=f"{cfg.method} {', '.join(cfg.concepts)}",
+               disable=not progress)
+    step = 0
+
+    def solved(e: Sums) -> tuple[torch.Tensor, float]:
+        """Solve for every projection at once (UCE, Eq. 7), with RECE's rounds; loss: the share of the erase
+        residual left."""
+        nonlocal step
+        tc, cc = e.tc, e.cc
+        before = residual(torch.eye(d, dtype=torch.float64), s, e)
+        for r in range(cfg.rounds + 1):
+            m = solve(cfg.lamb, tc, cc, preserve)
+            loss = residual(m, s, e) / before if before > 0 else 0.0
+            step += 1
+            bar.update()
+            bar.set_postfix(residual=f"{loss:.5f}")
+            if callback is not None:
+                callback(step, loss)
+            if r < cfg.rounds:
+                # RECE: the embeddings that still recover the concept join the erase set, aimed at its targets
+                k = recovered(m, s, cfg.robust_reg)
+                tc, cc = tc + e.tc @ k.T, cc + k @ e.cc @ k.T
+        return m, loss
+
+    m, loss = solved(e)
+    if learn_tokens:
+        # Adversarial rounds: invert the concept's images on the edited model; the soft token found joins the erase
+        # set in the concept's place (every erase prompt with the token for the concept, aimed at the guide), and the
+        # system is solved again from the recorded tokens, as a lineage solves this edit again without learning.
+        cfg.soft_tokens = {c: [] for c in cfg.concepts}
+        for r in range(attack_rounds):
+            write(m)
+            for c in cfg.concepts:
+                texts, latents = shown[c]
+                with inversion.soft_token(pipe) as token:
+                    inversion.learn(pipe, token, texts, latents, cfg.attack_steps, seed=cfg.seed + 1 + r)
+                    cfg.soft_tokens[c].append(token.vector.detach().float().cpu().tolist())
+            e, preserve = terms(pipe, configs, d)
+            m, loss = solved(e)
+    bar.close()
+    write(m)
     return finish_delta(unet, cfg, base_sha256, base_state, dtype, parent.manifest if parent is not None else None,
                         loss, prediction_type(pipe))
+
+
+@torch.no_grad()
+def concept_images(pipe, cfg: EraseConfig) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Per concept, ATTACK_IMAGES of its erase prompts (a seeded draw), with the concept replaced by the placeholder,
+    and the latents of what the pipeline draws for the prompts themselves."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = {}
+    for c in cfg.concepts:
+        key = normal_concept(c)
+        own = [x for x, _, concept in prompts(cfg)[0] if normal_concept(concept) == key]
+        pick = torch.randperm(len(own), generator=gen)[:ATTACK_IMAGES].tolist()
+        texts = [own[i] for i in pick]
+        images = sample.generate(pipe, texts, [ATTACK_SEED + i for i in range(len(texts))], steps=ATTACK_SAMPLE_STEPS)
+        out[c] = [inversion.placeholder_prompt(t, c) for t in texts], inversion.latents_of(pipe, images)
+    return out

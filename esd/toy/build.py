@@ -70,7 +70,7 @@ def erase_defaults() -> dict:
     # esd-u-retain erases in the same method-visible templates, toward the same guides, and holds the same
     # preservation concepts (its retain set)
     prompted = {k: cf[k] for k in ("templates", "preserve")}
-    return (ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust")}
+    return (ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust", "uce-tokens-adv")}
             | {"esd-u-retain": ESD_RETAIN | prompted, "uce-tokens-esd": COMBINED,
                "esd-xout-retain": ESD_RETAIN | XOUT | prompted, "uce-tokens-xout": COMBINED | XOUT})
 

@@ -29,7 +29,7 @@ def test_every_method_selects_what_its_row_says(unet):
     selfattn = names(unet, "selfattn")
     assert selfattn and all(".attn1." in n for n in selfattn)
     kv_weights = {n for n in strict if n.endswith(".weight")}
-    assert names(unet, "uce-tokens") == kv_weights and names(unet, "uce-tokens-esd") == u | kv_weights
+    assert names(unet, "uce-tokens") == names(unet, "uce-tokens-adv") == kv_weights and names(unet, "uce-tokens-esd") == u | kv_weights
     out = names(unet, "esd-xout-retain")
     assert out and out == {n for n in xattn if ".attn2.to_out." in n}
     assert names(unet, "uce-tokens-xout") == out | kv_weights

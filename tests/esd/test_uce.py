@@ -242,6 +242,89 @@ def test_align_concept_also_edits_the_concepts_own_tokens(tiny_sd):
     assert errors["concept"] < errors["final"] / 5
 
 
+ADV = dict(method="uce-tokens-adv", attack_steps=3, templates=["a red {concept}", "a {concept} on a table"],
+           preserve=["square"])
+
+
+def test_adversarial_rounds_erase_the_soft_tokens_they_learn_and_record_them(tiny_sd):
+    """uce-tokens-adv: each round inverts what the model drew of the concept on its own edit, and the token found is
+    mapped onto the guide as the concept is (its keys/values far nearer the guide's than after uce-tokens alone);
+    only the key/value weights change; the same seed gives the same delta; the tokens are in the manifest, and the
+    edit solved again from them (as a lineage does) is the same edit, learning nothing."""
+    from esd import inversion
+
+    pipe = load_pipeline(tiny_sd)
+    old = weights(dict(pipe.unet.named_parameters()))
+    adv = erase(pipe, EraseConfig(["circle"], **ADV), progress=False)
+    hp = adv.manifest["hyperparameters"]
+    tokens = hp["soft_tokens"]["circle"]
+    assert hp["attack_rounds"] == 2 and len(tokens) == 2
+    assert all(len(v) == pipe.text_encoder.config.hidden_size for v in tokens) and tokens[0] != tokens[1]
+    assert set(adv.tensors) == {n for n, _ in pipe.unet.named_parameters() if kv(n)}
+    again = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **ADV), progress=False)
+    assert again.manifest["tensors_sha256"] == adv.manifest["tensors_sha256"]
+    assert again.manifest["hyperparameters"]["soft_tokens"] == hp["soft_tokens"]
+
+    plain = weights(erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **(ADV | {"attack_rounds": 0})),
+                          progress=False).tensors)
+    edited = weights(adv.tensors)
+    for v in tokens:
+        with inversion.soft_token(pipe, torch.tensor(v)):
+            c, g = uce.aligned(pipe, [("a red cat", "a red", "cat"), ("a cat on a table", "a on a table", "cat")],
+                               concept_tokens=True)
+        assert error(edited, old, c, g) < 0.5 * error(plain, old, c, g)
+
+    replay = EraseConfig(["circle"], **ADV, soft_tokens=hp["soft_tokens"])
+    replayed = erase(load_pipeline(tiny_sd), replay, progress=False)
+    assert replayed.manifest["tensors_sha256"] == adv.manifest["tensors_sha256"]
+    [config] = uce.lineage_configs(adv, list(adv.tensors))
+    assert config.soft_tokens == hp["soft_tokens"] and config.method == "uce-tokens-adv"
+
+
+def test_a_takedown_over_an_adversarial_edit_solves_it_again_from_its_recorded_tokens(tiny_sd):
+    """The lineage's joint solve replays the parent's soft tokens: circle (adversarial) then square (uce) is the same
+    as solving both from the base with circle's recorded tokens; without them it is not."""
+    first = erase(load_pipeline(tiny_sd), EraseConfig(["circle"], **ADV), progress=False)
+    stacked = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce", preserve=["triangle"]),
+                    parent=first, progress=False)
+    assert stacked.manifest["erasures"][0]["hyperparameters"]["soft_tokens"] == \
+        first.manifest["hyperparameters"]["soft_tokens"]
+    pipe = load_pipeline(tiny_sd)
+    d = pipe.text_encoder.config.hidden_size
+    configs = uce.lineage_configs(stacked, list(first.tensors))
+    with_tokens, _ = uce.terms(pipe, configs, d)
+    configs[0].soft_tokens = None
+    without, _ = uce.terms(pipe, configs, d)
+    assert not torch.allclose(with_tokens.cc, without.cc)
+    again = erase(load_pipeline(tiny_sd), EraseConfig(["square"], method="uce", preserve=["triangle"]),
+                  parent=first, progress=False)
+    assert again.manifest["tensors_sha256"] == stacked.manifest["tensors_sha256"]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(attack_rounds=11), "attack_rounds must be an integer from 0 to 10"),
+    (dict(attack_steps=0), "attack_steps must be an integer from 1 to 1000"),
+    (dict(soft_tokens={"square": [[0.1]]}), "soft_tokens must map each erased concept"),
+    (dict(soft_tokens={"circle": [[float("nan")]]}), "soft_tokens must map each erased concept"),
+])
+def test_bad_adversarial_settings_are_refused_in_one_line(kw, message):
+    with pytest.raises(EraseError, match=message) as err:
+        EraseConfig(["circle"], method="uce-tokens-adv", **kw).resolve()
+    assert "\n" not in str(err.value)
+
+
+def test_a_request_cannot_give_soft_tokens_and_sdxl_is_refused_before_any_work(tmp_path):
+    with pytest.raises(EraseError, match="'soft_tokens' is recorded by an erasure, not a setting"):
+        EraseConfig.with_overrides(["circle"], "uce-tokens-adv", {"soft_tokens": {"circle": [[0.0]]}})
+    from tests.conftest import build_tiny_sd
+
+    pipe = load_pipeline(build_tiny_sd(tmp_path, arch="sdxl"))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(EraseError, match="uce-tokens-adv: textual inversion here supports pipelines with one text"):
+        erase(pipe, EraseConfig(["circle"], method="uce-tokens-adv"), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
 COMBINED = dict(method="uce-tokens-esd", iterations=3, ddim_steps=4, lr=1e-3, templates=["a red {concept}"],
                 preserve=["square"])
 
