@@ -209,10 +209,11 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
     out = out or home() / "bench"
+    # with --json, stdout carries the one JSON object; the progress bars and lines go to stderr
+    log = Console(stderr=True, soft_wrap=True).print if as_json else console.print
     try:
         result = quality(out_dir=out, methods=split(methods), concepts=split(concepts), attack=attack, stacked=stacked,
-                         reference=reference, progress=not as_json, cache_dir=home() / "cache" / "judged",
-                         log=(lambda *a: None) if as_json else console.print)
+                         reference=reference, progress=True, cache_dir=home() / "cache" / "judged", log=log)
     except ValueError as exc:
         fail(first_line(exc))
     if as_json:
