@@ -160,6 +160,14 @@ def adversarial_sums(pipe, erase_prompts: list[tuple], concept: str, vectors: li
     return out
 
 
+def with_soft_tokens(pipe, e: Sums, cfg: EraseConfig, erase_prompts: list[tuple], d: int) -> Sums:
+    """e plus the sums of cfg's recorded soft tokens, each concept's in turn, at erase_scale x attack_scale."""
+    for concept, vectors in (cfg.soft_tokens or {}).items():
+        e = e.plus(adversarial_sums(pipe, erase_prompts, concept, vectors, cfg.push, d),
+                   cfg.erase_scale * cfg.attack_scale)
+    return e
+
+
 def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]:
     """The scaled sums of erasures solved together: each one's erase prompts (with their guides, its push and erase
     scale; with the soft tokens its adversarial rounds learned in place of its concepts), and the union of their
@@ -172,10 +180,8 @@ def terms(pipe, configs: list[EraseConfig], d: int) -> tuple[Sums, torch.Tensor]
     kept: dict[tuple, tuple[float, bool]] = {}
     for cfg in configs:
         erase_prompts = erase_prompts_of(cfg, erased)
-        e = e.plus(sums(pipe, erase_prompts, cfg.push, d, cfg.align == "concept"), cfg.erase_scale)
-        for concept, vectors in (cfg.soft_tokens or {}).items():
-            e = e.plus(adversarial_sums(pipe, erase_prompts, concept, vectors, cfg.push, d),
-                       cfg.erase_scale * cfg.attack_scale)
+        e = with_soft_tokens(pipe, e.plus(sums(pipe, erase_prompts, cfg.push, d, cfg.align == "concept"),
+                                          cfg.erase_scale), cfg, erase_prompts, d)
         for p in prompts(cfg)[1]:
             if not names(p[0], erased):
                 kept.setdefault(p, (cfg.preserve_scale, cfg.align == "concept"))
@@ -297,7 +303,10 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
     if learn_tokens:
         # Adversarial rounds: invert the concept's images on the edited model; the soft token found joins the erase
         # set in the concept's place (every erase prompt with the token for the concept, aimed at the guide), and the
-        # system is solved again from the recorded tokens, as a lineage solves this edit again without learning.
+        # system is solved again from the recorded tokens, as a lineage solves this edit again without learning
+        # (terms() adds this erasure's tokens last, onto the sums it made without them: `untokened`).
+        untokened = e
+        erase_prompts = erase_prompts_of(cfg, {normal_concept(c) for other in configs for c in other.concepts})
         cfg.soft_tokens = {c: [] for c in cfg.concepts}
         for r in range(attack_rounds):
             write(m)
@@ -306,7 +315,7 @@ def edit(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress
                 with inversion.soft_token(pipe) as token:
                     inversion.learn(pipe, token, texts, latents, cfg.attack_steps, seed=cfg.seed + 1 + r)
                     cfg.soft_tokens[c].append(token.vector.detach().float().cpu().tolist())
-            e, preserve = terms(pipe, configs, d)
+            e = with_soft_tokens(pipe, untokened, cfg, erase_prompts, d)
             m, loss = solved(e)
     bar.close()
     write(m)
