@@ -96,6 +96,15 @@ class Request:
         return {f"esd.{k}": str(v) for k, v in keep.items()}
 
 
+def causes(exc: BaseException):
+    """The exception and those it was raised from or during, innermost last (each once)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 class Requests:
     """The request records, over MlflowClient."""
 
@@ -224,10 +233,12 @@ class Requests:
         promoted, held or withdrawn keeps that status)."""
         if isinstance(exc, str):
             reason = exc
+        elif any(type(e).__name__ == "TerminationSignal" for e in causes(exc)):
+            # Prefect's SIGTERM (a cancellation or a stop), also where a library wrapped it in an error of its own
+            # (diffusers' lazy import, interrupted, raises RuntimeError "Failed to import ..." from it)
+            reason = "the run was terminated (cancelled, or its worker stopped)"
         elif isinstance(exc, Exception):
             reason = first_line(exc)
-        elif type(exc).__name__ == "TerminationSignal":        # Prefect's SIGTERM: a cancellation or a stop
-            reason = "the run was terminated (cancelled, or its worker stopped)"
         else:       # SystemExit, KeyboardInterrupt: the process was stopped
             reason = f"the run's process was stopped ({type(exc).__name__}{f': {exc}' if str(exc) else ''})"
         for rid in request_ids:

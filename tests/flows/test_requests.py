@@ -80,6 +80,30 @@ def test_a_failed_request_comes_back_only_by_retry(platform):
     assert reqs.require(promoted.request_id).status == "promoted"
 
 
+def test_a_cancellation_wrapped_by_a_library_still_reads_as_a_termination(platform):
+    """Prefect's SIGTERM raised inside a lazy import comes out as the library's RuntimeError ("Failed to import
+    ..."), raised from it: the request's reason names the termination, not the import."""
+    from prefect.exceptions import TerminationSignal
+
+    reqs = platform.requests
+    r = filed(platform)
+    reqs.start(r.request_id, "flow-run-1")
+    try:
+        try:
+            raise TerminationSignal(signal=15)
+        except TerminationSignal as signal:
+            raise RuntimeError("Failed to import diffusers.pipelines.onnx_utils because of the following error") \
+                from signal
+    except RuntimeError as wrapped:
+        reqs.fail([r.request_id], wrapped)
+    failed = reqs.require(r.request_id)
+    assert failed.status == "failed" and failed.reason == "the run was terminated (cancelled, or its worker stopped)"
+    other = filed(platform)
+    reqs.start(other.request_id, "flow-run-1")
+    reqs.fail([other.request_id], RuntimeError("Failed to import x"))       # no termination behind it
+    assert reqs.require(other.request_id).reason == "Failed to import x"
+
+
 @pytest.fixture
 def line(platform, tiny_sd, tmp_path):
     """A model with v1 = tiny base (production) and v2 = an erasure serving one candidate request."""
