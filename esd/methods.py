@@ -69,7 +69,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("uce-tokens-adv", "uce-tokens re-solved against soft tokens learned on its own edit by textual inversion "
            "of what the model drew of the concept (adversarial rounds, as AdvUnlearn; the tokens are kept in the "
            "manifest)", _xattn_kv_weights, kind="closed-form",
-           defaults={"align": "concept", "attack_rounds": 2, "attack_scale": 0.3},
+           defaults={"align": "concept", "attack_rounds": 2, "attack_scale": 0.1},
            benchmarked=True),
     Method("uce-tokens-esd", "a short esd-u-retain erasure of what the UNet draws, then the uce-tokens edit of the "
            "keys and values: the edit takes the concept out of the prompt, the trained part holds against a recovered "
@@ -83,7 +83,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            benchmarked=True),
 ]}
 
-DEFAULT_BY_KIND = {"style": "uce-tokens", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
+DEFAULT_BY_KIND = {"style": "uce-tokens-adv", "object": "esd-u-retain", "nudity": "esd-u", "custom": "esd-u"}
 
 
 class MethodError(ValueError):

@@ -90,8 +90,8 @@ def test_the_reader_key_reads_but_cannot_write(full_stack):
 
 
 def test_no_secret_in_logs_command_lines_mlflow_or_prefect_after_a_takedown(platform):
-    r = CliRunner().invoke(APP, ["request", "submit", "Vela Moreau", "--kind", "style", "--requester", "SEC-1",
-                                 "--wait", "--json"])
+    r = CliRunner().invoke(APP, ["request", "submit", "Vela Moreau", "--kind", "style", "--method", "uce-tokens",
+                                 "--requester", "SEC-1", "--wait", "--json"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(APP, ["stack", "audit", "--json"])
     result = json.loads(r.output)
