@@ -39,9 +39,10 @@ browser:
 # in each process with its share of the cores (one each here). Run one after the other, the tests leave the cores
 # idle 40% of the time while they wait on servers and flow-run processes; two lanes keep them busy, and torch's
 # default thread per core in each lane would oversubscribe them (a run with it was slower than one lane).
+# Modules start in collection order, the longest first (tests/conftest.py, LONGEST_FIRST), so the lanes end together.
 TEST_WORKERS ?= 2
 test: install browser
-	OMP_NUM_THREADS=$$(( $$(nproc) > $(TEST_WORKERS) ? $$(nproc) / $(TEST_WORKERS) : 1 )) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
+	OMP_NUM_THREADS=$$(( $$(nproc) > $(TEST_WORKERS) ? $$(nproc) / $(TEST_WORKERS) : 1 )) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # The fault suite alone (also part of `make test`): its table, then its two summary lines, last.
 faults: install
