@@ -17,13 +17,12 @@ from typer.testing import CliRunner
 from flows.cli import build_app
 from flows.requests import Request
 from infra import stack as stack_lib
+from tests.conftest import FAST_METHOD
 from tests.faults.conftest import audit
 
 APP = build_app()
 # A slow erasure, so that a fault lands inside it.
 SLOW = {"iterations": 3000}
-# A closed-form method (one solve, about a second on the toy) where the erasure itself is not under test.
-FAST = "uce-tokens"
 
 
 def new_line(platform) -> str:
@@ -149,8 +148,8 @@ def test_two_takedowns_on_one_model_with_two_workers(platform, full_stack, ledge
     second = subprocess.Popen(command, env=env, cwd=full_stack.home, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        runs = [submit(platform, model, "Vela Moreau", "style", method=FAST),
-                submit(platform, model, "circle", "object", method=FAST)]
+        runs = [submit(platform, model, "Vela Moreau", "style", method=FAST_METHOD),
+                submit(platform, model, "circle", "object", method=FAST_METHOD)]
         statuses = [wait_for(lambda r=r: finished(platform, *r), timeout=300) for r in runs]
     finally:
         stack_lib.stop_group(second.pid, again_after=stack_lib.PREFECT_WORKER.stop_again_s)      # as `stack down`
@@ -210,7 +209,7 @@ def test_a_retrain_over_more_than_200_records(platform, ledger):
     client, exp = platform.requests.client, platform.requests.experiment_id
 
     def record(concept: str, kind: str, status: str) -> str:
-        req = Request(concept, kind, model, method=FAST, request_id=str(uuid.uuid4())).validate()
+        req = Request(concept, kind, model, method=FAST_METHOD, request_id=str(uuid.uuid4())).validate()
         req.status = status
         client.create_run(exp, run_name=f"{kind}: {concept}", tags=req.tags())
         return req.request_id

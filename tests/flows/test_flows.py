@@ -18,10 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import build_app
+from tests.conftest import FAST_METHOD
 
 CONCEPT = "Vela Moreau"
-FAST = "uce-tokens"     # a closed-form erasure in under a second (the style default, with its adversarial rounds, is
-                        # run by the API and page tests and measured by tests/esd/test_erase_toy.py)
 APP = build_app()
 
 
@@ -36,8 +35,8 @@ def last_json(result) -> dict:
 @pytest.fixture(scope="module")
 def vela(platform) -> dict:
     """One takedown of Vela Moreau run by the worker: the request record once its run ended."""
-    r = esd("request", "submit", CONCEPT, "--kind", "style", "--method", FAST, "--requester", "TICKET-1",
-            "--request-id", "req-vela-1", "--wait", "--json")
+    r = esd("request", "submit", CONCEPT, "--kind", "style", "--method", FAST_METHOD, "--requester",
+            "TICKET-1", "--request-id", "req-vela-1", "--wait", "--json")
     assert r.exit_code == 0, r.output
     return last_json(r)
 
@@ -84,8 +83,8 @@ def test_duplicate_submit_gives_one_run_and_one_version(platform, vela):
     from registry.versions import list_versions
 
     before = [v["version"] for v in list_versions(platform.store, "toy-sd")]
-    again = esd("request", "submit", CONCEPT, "--kind", "style", "--method", FAST, "--request-id", "req-vela-1",
-                "--json")
+    again = esd("request", "submit", CONCEPT, "--kind", "style", "--method", FAST_METHOD, "--request-id",
+                "req-vela-1", "--json")
     assert again.exit_code == 0, again.output
     assert last_json(again)["flow_run_id"] == vela["flow_run_id"]
     assert [v["version"] for v in list_versions(platform.store, "toy-sd")] == before

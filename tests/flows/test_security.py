@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import build_app
+from tests.conftest import FAST_METHOD
 
 APP = build_app()
 
@@ -90,7 +91,7 @@ def test_the_reader_key_reads_but_cannot_write(full_stack):
 
 
 def test_no_secret_in_logs_command_lines_mlflow_or_prefect_after_a_takedown(platform):
-    r = CliRunner().invoke(APP, ["request", "submit", "Vela Moreau", "--kind", "style", "--method", "uce-tokens",
+    r = CliRunner().invoke(APP, ["request", "submit", "Vela Moreau", "--kind", "style", "--method", FAST_METHOD,
                                  "--requester", "SEC-1", "--wait", "--json"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(APP, ["stack", "audit", "--json"])
