@@ -49,6 +49,7 @@ class Status(str, Enum):
 
 
 def platform_errors() -> tuple[type[BaseException], ...]:
+    from flows.erase_defaults import EraseDefaultsError
     from flows.gate import GateError
     from flows.promotion import ProductionMoved
     from flows.requests import RequestError
@@ -56,7 +57,8 @@ def platform_errors() -> tuple[type[BaseException], ...]:
     from infra.stack import StackError
     from registry.cli import registry_errors
 
-    return (RequestError, StackError, ReasonRequired, GateError, ProductionMoved, users.AuthError) + registry_errors()
+    return (RequestError, StackError, ReasonRequired, GateError, EraseDefaultsError, ProductionMoved,
+            users.AuthError) + registry_errors()
 
 
 one_line_errors = errors_as_one_line(platform_errors)
@@ -455,7 +457,7 @@ def build_app() -> typer.Typer:
     base = base_app()
     base.command("build-toy")(base_build_toy)
     app.add_typer(base, name="base", rich_help_panel=REGISTRY)
-    app.add_typer(stack_app(up=deploy.up), name="stack", rich_help_panel=STACK)
+    app.add_typer(stack_app(up=deploy.up, errors=platform_errors), name="stack", rich_help_panel=STACK)
     app.add_typer(user_app(), name="user", rich_help_panel=STACK)
     return app
 

@@ -149,11 +149,13 @@ def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, tim
 
 
 def up(settings: Settings) -> list[stack.ServiceStatus]:
-    """The platform's `stack up`: the gate's settings checked, every service answering, then the work pool and
-    deployments in place."""
+    """The platform's `stack up`: the gate's and the operator's erase settings checked, every service answering, then
+    the work pool and deployments in place."""
+    from flows import erase_defaults
     from flows.gate import load_settings
 
     load_settings()
+    erase_defaults.load()
     rows = stack.up(settings)
     with prefect_api(settings.prefect_api):
         deploy_all(settings.retrain_cron, settings.retrain_model, settings.work_pool, settings.flow_timeout_s,

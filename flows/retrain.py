@@ -6,6 +6,7 @@ import hashlib
 
 from prefect import flow
 
+from flows import erase_defaults
 from flows.deploy import lineage_slot
 from flows.gate import load_settings
 from flows.platform import Platform
@@ -34,7 +35,8 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     from registry import aliases
     from registry.versions import base_version
 
-    load_settings()          # the gate's settings are checked before any work
+    load_settings()          # the gate's and the operator's erase settings are checked before any work
+    erase_defaults.load()
     p = Platform()
     with lineage_slot(model):
         production = aliases.current(p.store, model)
@@ -49,7 +51,7 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
         delta_dir, erased = None, []
         for (method, kind), concepts in group_by_method(active).items():
             delta_dir = erase_concepts(f"{key}-{method}-{kind}", model, base, concepts, method, ids,
-                                       {"concept_kind": kind} | (overrides or {}), delta_dir)
+                                       erase_defaults.settings(method, kind, overrides), delta_dir)
             erased += concepts
         report = evaluate_candidate(key, model, delta_dir, erased, [], kind_of(active))
         version = register_candidate(model, delta_dir, ids, report, None)

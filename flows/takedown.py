@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from esd.erase import EraseConfig
+from flows import erase_defaults
 from flows.deploy import lineage_slot
 from flows.gate import load_settings
 from flows.platform import Platform
@@ -25,9 +26,10 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
     """Erase the request's concept from its model's current production version and promote it if the gate passes
     and production is still the version it was built on."""
     try:
-        load_settings()          # the gate's settings are checked before any work, not after the erasure
+        load_settings()          # the gate's and the operator's erase settings are checked before any work,
+        erase_defaults.load()    # not after the erasure
         req = start_request(request_id, flow_run.get_id())
-        settings = {"concept_kind": req["kind"]} | (overrides or {})
+        settings = erase_defaults.settings(req["method"], req["kind"], overrides)
         EraseConfig.with_overrides([req["concept"]], req["method"], settings)      # refused before any work
         with lineage_slot(req["model"]):
             parent = resolve_parent(req["model"])

@@ -28,13 +28,15 @@ def _print(rows: list[stack.ServiceStatus], as_json: bool) -> None:
         typer.echo(f"{r.name:<15} {'up' if r.up else 'down':<5} {r.address:<28} {auth:<9} {where}")
 
 
-def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up) -> typer.Typer:
-    """The `stack` commands; UP starts the services (the platform passes one that also deploys its flows)."""
+def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up,
+              errors: Callable[[], tuple[type[BaseException], ...]] = lambda: ()) -> typer.Typer:
+    """The `stack` commands; UP starts the services (the platform passes one that also deploys its flows and checks
+    its settings first: ERRORS names what it refuses with, each then one line as the stack's own errors)."""
     app = typer.Typer(no_args_is_help=True, add_completion=False,
                       help="The local stack: S3 (SeaweedFS), MLflow server, Prefect server and worker.")
 
     @app.command("up")
-    @one_line_errors
+    @errors_as_one_line(lambda: (stack.StackError, OSError) + errors())
     def up_cmd(as_json: bool = AS_JSON) -> None:
         """Start what is not running (data kept under ESD_HOME, default ./.esd)."""
         _print(up(Settings()), as_json)

@@ -94,7 +94,7 @@ def cases(tmp: Path, platform) -> list[tuple[str, object, str]]:
     """(what, the action, a word the error must contain)."""
     from esd.erase import EraseConfig
     from esd.evaluate.real import read_prompt_csv
-    from flows import promotion
+    from flows import erase_defaults, promotion
     from flows.gate import load_settings
     from flows.requests import Request
     from registry import versions
@@ -178,6 +178,11 @@ def cases(tmp: Path, platform) -> list[tuple[str, object, str]]:
          "refused"),
         ("gate: unknown key", env_case("ESD_GATE_STYLE", '{"max_rate": 0.1}', load_settings), "refused"),
         ("gate: unknown kind", env_case("ESD_GATE_WEATHER", '{}', load_settings), "ESD_GATE_WEATHER"),
+        # --- the operator's erase settings
+        ("operator erase settings: unknown method", env_case(erase_defaults.ENV, '{"esd-z": {}}', erase_defaults.load),
+         "esd-z"),
+        ("operator erase settings: a bad value", env_case(erase_defaults.ENV, '{"uce-tokens-adv": {"attack_steps": 0}}',
+                                                          erase_defaults.load), "attack_steps"),
         # --- the records and the registry, called directly
         ("file: request id with a slash", req(request_id="a/b"), "request id"),
         ("file: unknown kind", req(kind="colour"), "colour"),
