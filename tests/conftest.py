@@ -39,8 +39,8 @@ LONGEST_FIRST = ("tests/faults/test_bad_input.py", "tests/faults/test_flow_fault
 
 # A closed-form method (one solve, about a second on the toy) for the takedowns of tests where the erasure itself is
 # not under test; the style default, with its adversarial rounds, runs in the API and page tests (which cannot choose
-# a method, as artists cannot), there with the operator's shorter inversion (OPERATOR_ERASE below), and is measured
-# at its own settings by tests/esd/test_erase_toy.py.
+# a method, as artists cannot) and in tests/esd/test_erase_toy.py, each with the reduced budget SHORT_ERASE below; its
+# quality at its own settings is the benchmark's.
 FAST_METHOD = "uce-tokens"
 
 
@@ -188,8 +188,9 @@ def tiny_sd(tmp_path_factory) -> Path:
 # whose images the judge still reads, of the quick set: every artist with every shape once; no attack, a gate that
 # passes any candidate; tests/flows/test_gate.py tests the gate). ESD_EVAL_STEPS and ESD_EVAL_COLORS set in the
 # environment are kept (`make screenshots` judges as the benchmark does, for the README's pictures).
-# The operator's erase settings on the worker (ESD_ERASE_DEFAULTS): the style default's textual inversion shortened
-OPERATOR_ERASE = {"uce-tokens-adv": {"attack_steps": 15}}
+# The reduced erase budget of the tests that run the defaults end to end (the worker's, as the operator's
+# ESD_ERASE_DEFAULTS, and tests/esd/test_erase_toy.py's): the style default's textual inversion 15 steps instead of 60
+SHORT_ERASE = {"uce-tokens-adv": {"attack_steps": 15}}
 PERMISSIVE = '{"max_concept_rate": 1.0, "max_regression_rate": 1.0, "min_preservation": 0.0}'
 FLOW_ENV = {"ESD_EVAL_STEPS": os.environ.get("ESD_EVAL_STEPS", "2"),
             "ESD_EVAL_COLORS": os.environ.get("ESD_EVAL_COLORS", "1"), "ESD_EVAL_ATTACK": "false",
@@ -197,7 +198,7 @@ FLOW_ENV = {"ESD_EVAL_STEPS": os.environ.get("ESD_EVAL_STEPS", "2"),
             "ESD_GATE_OBJECT": PERMISSIVE, "ESD_GATE_CUSTOM": PERMISSIVE,
             # the reaper runs when a test calls it; a run on its 10-minute schedule would hold the one worker slot
             "ESD_REAP_MINUTES": "1440",
-            "ESD_ERASE_DEFAULTS": json.dumps(OPERATOR_ERASE)}
+            "ESD_ERASE_DEFAULTS": json.dumps(SHORT_ERASE)}
 
 
 def platform_env(settings: Settings) -> dict[str, str]:

@@ -12,9 +12,10 @@ from esd.models import load_pipeline
 from esd.toy import BASE_DIR, JUDGE_DIR
 from esd.toy.judge import Judge
 from flows.gate import verdict
+from tests.conftest import SHORT_ERASE
 
-# A reduced budget: 6 DDIM steps per judged image (the benchmark uses 20); the base is judged at 96.6-99.6% per
-# head at 6 steps.
+# A reduced budget: 6 DDIM steps per judged image (the benchmark uses 20; the base is judged at 96.6-99.6% per
+# head at 6 steps), and the style default's inversion at the tests' SHORT_ERASE.
 STEPS = 6
 
 
@@ -28,10 +29,15 @@ def base_judged(judge, tmp_path_factory):
     return toy_eval.judge_model_cached(load_pipeline(BASE_DIR), judge, tmp_path_factory.mktemp("judged"), STEPS)
 
 
+def default_config(concept: str, kind: str) -> EraseConfig:
+    """The kind's default method on the concept, at the tests' reduced budget (SHORT_ERASE) where it has one."""
+    method = DEFAULT_BY_KIND[kind]
+    return EraseConfig([concept], method=method, concept_kind=kind, **SHORT_ERASE.get(method, {}))
+
+
 def erased_by_default(concept: str, kind: str, parent=None):
     pipe = load_pipeline(BASE_DIR)
-    delta = erase(pipe, EraseConfig([concept], method=DEFAULT_BY_KIND[kind], concept_kind=kind), parent=parent,
-                  progress=False)
+    delta = erase(pipe, default_config(concept, kind), parent=parent, progress=False)
     return pipe, delta
 
 
@@ -45,8 +51,7 @@ def test_the_style_default_erases_an_artist_on_a_lineage_and_keeps_the_others(ba
     once: she is gone, the other artists, the colors and the other shapes stay, and circle stays erased."""
     _, circle_delta = circle_erased
     stacked = load_pipeline(BASE_DIR)
-    erase(stacked, EraseConfig(["Vela Moreau"], method=DEFAULT_BY_KIND["style"], concept_kind="style"),
-          parent=circle_delta, progress=False)
+    erase(stacked, default_config("Vela Moreau", "style"), parent=circle_delta, progress=False)
     erased = toy_eval.judge_model(stacked, judge, steps=STEPS)
     before, after = toy_eval.unlearning(base_judged, "Vela Moreau"), toy_eval.unlearning(erased, "Vela Moreau")
     assert after["ua"] - before["ua"] >= 0.80

@@ -62,11 +62,11 @@ def test_a_request_posted_twice_is_one_request_that_reaches_a_final_state(api, p
     assert [e["status"] for e in status["history"]] == ["received", "running", "candidate", "promoted"]
     # the style default ran on the worker with the operator's erase settings, and the version's manifest records them
     from registry.load import version_files
-    from tests.conftest import OPERATOR_ERASE
+    from tests.conftest import SHORT_ERASE
 
     erasure = version_files(platform.store, f"{line}/{status['model_version']}")[1].manifest["erasures"][-1]
     assert erasure["method"] == "uce-tokens-adv" and len(erasure["hyperparameters"]["soft_tokens"]["Vela Moreau"]) == 2
-    assert erasure["hyperparameters"]["attack_steps"] == OPERATOR_ERASE["uce-tokens-adv"]["attack_steps"]
+    assert erasure["hyperparameters"]["attack_steps"] == SHORT_ERASE["uce-tokens-adv"]["attack_steps"]
     # the same with the token as a bearer header; contact details never leave the platform
     bearer = api.get(got["status_url"], headers={"Authorization": f"Bearer {got['status_token']}"})
     assert bearer.status_code == 200 and "studio-moreau.example" not in bearer.text
