@@ -70,16 +70,23 @@ def test_external_services(tmp_path):
     assert Settings(home=tmp_path, s3_endpoint="https://s3.example.org").s3_keys() is None   # boto3's own chain
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("ESD_EVAL_COLORS", "5", "setting ESD_EVAL_COLORS is refused: Input should be less than or equal to 3"),
-    ("ESD_EVAL_STEPS", "many", "setting ESD_EVAL_STEPS is refused: Input should be a valid integer"),
+@pytest.mark.parametrize("command, name, value, message", [
+    ("status", "ESD_EVAL_COLORS", "5", "setting ESD_EVAL_COLORS is refused: Input should be less than or equal to 3"),
+    ("status", "ESD_EVAL_STEPS", "many", "setting ESD_EVAL_STEPS is refused: Input should be a valid integer"),
+    # the settings the platform's `stack up` checks before starting anything (the gate's, the operator's erase ones)
+    ("up", "ESD_ERASE_DEFAULTS", '{"uce-tokens-adv": {"attack_steps": 0}}',
+     "ESD_ERASE_DEFAULTS: uce-tokens-adv (style): attack_steps"),
+    ("up", "ESD_GATE_STYLE", '{"max_rate": 0.1}', "gate setting ESD_GATE_STYLE is refused"),
 ])
-def test_a_refused_setting_is_one_line_from_the_console_script(tmp_path, name, value, message):
+def test_a_refused_setting_is_one_line_from_the_console_script(tmp_path, command, name, value, message):
     home = tmp_path / "home"
     env = os.environ | {"ESD_HOME": str(home), name: value}
-    r = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "stack", "status"], env=env,
+    r = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "stack", command], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.startswith(f"error: {message}") and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not home.exists()                          # nothing written
+    if command == "status":
+        assert not home.exists()                      # refused as settings are read: nothing written
+    else:                                             # nothing started: only the credentials every command makes
+        assert {p.name for p in home.iterdir()} <= {"credentials.json", ".credentials.lock"}
 
