@@ -50,7 +50,9 @@ def load() -> dict[str, dict]:
     return value
 
 
-def settings(method: str, kind: str, overrides: dict | None = None) -> dict:
-    """The erase settings of a request: its kind, the operator's defaults for its method and kind, its own overrides."""
-    own = {k: v for k, v in for_kind(load().get(method, {}), kind).items() if v is not None}
+def settings(method: str, kind: str, overrides: dict | None = None, defaults: dict[str, dict] | None = None) -> dict:
+    """The erase settings of a request: its kind, the operator's defaults for its method and kind (`defaults`, as
+    load() returned them; read now if not given), its own overrides."""
+    defaults = load() if defaults is None else defaults
+    own = {k: v for k, v in for_kind(defaults.get(method, {}), kind).items() if v is not None}
     return {"concept_kind": kind} | own | (overrides or {})

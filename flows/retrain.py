@@ -36,7 +36,7 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
     from registry.versions import base_version
 
     load_settings()          # the gate's and the operator's erase settings are checked before any work
-    erase_defaults.load()
+    operator = erase_defaults.load()
     p = Platform()
     with lineage_slot(model):
         production = aliases.current(p.store, model)
@@ -51,7 +51,7 @@ def retrain(model: str = "toy-sd", overrides: dict | None = None) -> dict:
         delta_dir, erased = None, []
         for (method, kind), concepts in group_by_method(active).items():
             delta_dir = erase_concepts(f"{key}-{method}-{kind}", model, base, concepts, method, ids,
-                                       erase_defaults.settings(method, kind, overrides), delta_dir)
+                                       erase_defaults.settings(method, kind, overrides, operator), delta_dir)
             erased += concepts
         report = evaluate_candidate(key, model, delta_dir, erased, [], kind_of(active))
         version = register_candidate(model, delta_dir, ids, report, None)

@@ -26,10 +26,10 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
     """Erase the request's concept from its model's current production version and promote it if the gate passes
     and production is still the version it was built on."""
     try:
-        load_settings()          # the gate's and the operator's erase settings are checked before any work,
-        erase_defaults.load()    # not after the erasure
+        load_settings()                        # the gate's and the operator's erase settings are checked before
+        operator = erase_defaults.load()       # any work, not after the erasure
         req = start_request(request_id, flow_run.get_id())
-        settings = erase_defaults.settings(req["method"], req["kind"], overrides)
+        settings = erase_defaults.settings(req["method"], req["kind"], overrides, operator)
         EraseConfig.with_overrides([req["concept"]], req["method"], settings)      # refused before any work
         with lineage_slot(req["model"]):
             parent = resolve_parent(req["model"])

@@ -15,7 +15,13 @@ from infra.settings import Settings
 
 AS_JSON = typer.Option(False, "--json", help="print JSON")
 Role = Enum("Role", {r: r for r in users.ROLES}, type=str)
-one_line_errors = errors_as_one_line(lambda: (stack.StackError, OSError))
+
+
+def stack_errors() -> tuple[type[BaseException], ...]:
+    return stack.StackError, OSError
+
+
+one_line_errors = errors_as_one_line(stack_errors)
 
 
 def _print(rows: list[stack.ServiceStatus], as_json: bool) -> None:
@@ -36,7 +42,7 @@ def stack_app(up: Callable[[Settings], list[stack.ServiceStatus]] = stack.up,
                       help="The local stack: S3 (SeaweedFS), MLflow server, Prefect server and worker.")
 
     @app.command("up")
-    @errors_as_one_line(lambda: (stack.StackError, OSError) + errors())
+    @errors_as_one_line(lambda: stack_errors() + errors())
     def up_cmd(as_json: bool = AS_JSON) -> None:
         """Start what is not running (data kept under ESD_HOME, default ./.esd)."""
         _print(up(Settings()), as_json)
