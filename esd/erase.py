@@ -36,16 +36,16 @@ from esd import methods
 from esd.models import Cond, as_noise, conditioning, prediction_type, storage_dtype
 
 MAX_CONCEPT_CHARS = 200
-# The paper's settings for Stable Diffusion 1.4 (ESD-x and ESD-u: 1000 iterations, lr 1e-5, eta 1.0).
+# The paper's settings for Stable Diffusion 1.4 (ESD-x and ESD-u: 1000 iterations of one draw each, lr 1e-5, eta 1.0).
 # A base folder may carry its own tuned defaults per method in esd_defaults.json (the toy's do): the
 # right learning rate and strength depend on the model's scale, measured on the whole judged table.
-PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0}
+PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0, "batch": 1}
 # Closed-form methods (esd/uce.py): UCE's published settings (erase_scale 1, preserve_scale 1, lamb 0.5), no push
 # away from the concept, no hardening rounds, and RECE's regulariser (0.1) for the recovered embeddings.
 CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "push": 0.0,
                         "rounds": 0, "robust_reg": 0.1, "attack_rounds": 0, "attack_steps": 60, "attack_scale": 1.0}
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
-ESD_ONLY = ("iterations", "lr", "eta", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
+ESD_ONLY = ("iterations", "lr", "eta", "batch", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
             "gradient_checkpointing")
 CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg", "attack_rounds", "attack_steps",
                     "attack_scale", "soft_tokens")
@@ -56,7 +56,7 @@ RECORDED = ("soft_tokens",)
 PROMPT_SETTINGS = ("templates", "guide", "preserve", "preserve_scale")
 MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS, MAX_ATTACK_STEPS = 64, 512, 10, 1000
 # Bounds on what one request may ask of a worker: ESD's paper runs 1000 iterations over 50 DDIM steps.
-MAX_ITERATIONS, MAX_DDIM_STEPS = 100_000, 1000
+MAX_ITERATIONS, MAX_DDIM_STEPS, MAX_BATCH = 100_000, 1000, 64
 # Fast mode reaches x_t in at most this many DDIM jumps instead of up to 50 steps (the sampling is ~85% of the
 # reference loop's cost); its effect on erasure is measured by `esd bench speed` (reference vs fast H score).
 FAST_SAMPLE_STEPS = 10
@@ -89,6 +89,7 @@ class EraseConfig:
     iterations: int | None = None     # None: the base's default for the method, else PAPER_DEFAULTS
     lr: float | None = None           # likewise
     eta: float | None = None          # negative guidance strength; likewise (the paper's 1.0)
+    batch: int | None = None          # draws (prompt, noise) per step, at one timestep; likewise (the paper's 1)
     ddim_steps: int = 50
     guidance: float = 3.0             # guidance while sampling x_t
     seed: int = 0
@@ -143,7 +144,7 @@ class EraseConfig:
             self.anchor = validate_concept(self.anchor, "anchor")
         methods.get(self.method)
         self._validate_settings()
-        for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS)):
+        for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS), ("batch", MAX_BATCH)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise EraseError(f"{name} must be a positive integer, got {value}")
@@ -467,21 +468,27 @@ class Eraser:
         cond = conditioning(self.pipe, prompts)
         return [cond[i] for i in range(len(prompts))]
 
-    def _frozen_eps(self, x: torch.Tensor, t: int, embs: Cond) -> torch.Tensor:
-        """The frozen model's noise predictions for each conditioning, batched, without a second UNet."""
-        with torch.no_grad(), self.autocast:
-            n = len(embs)
-            out = functional_call(self.unet, self.original, (x.expand(n, -1, -1, -1), t), embs.kwargs()).sample
-        return out.float()
+    def _frozen_eps(self, x: torch.Tensor, t: int, parts: list[Cond]) -> list[torch.Tensor]:
+        """The frozen model's noise predictions at x (a batch) for each conditioning of parts (a batch each like x):
+        one batched call of the same UNet with the original values (fast), or the frozen copy per part (reference)."""
+        if self.frozen is None:
+            xs = x.repeat(len(parts), 1, 1, 1)
+            with torch.no_grad(), self.autocast:
+                out = functional_call(self.unet, self.original, (xs, t), Cond.cat(parts).kwargs()).sample.float()
+            return list(as_noise(out, xs, self.alphas[t], self.prediction).split(len(x)))
+        with torch.no_grad():
+            return [as_noise(self.frozen(x, t, **e.kwargs()).sample, x, self.alphas[t], self.prediction) for e in parts]
 
     def _sample_x_t(self, emb_c: Cond, emb_0: Cond, stop: int) -> torch.Tensor:
-        """x_t: guided DDIM with the model being trained, from noise down to timesteps[stop]."""
-        x = torch.randn(self.latent_shape, generator=self.gen).to(self.device)
+        """x_t for each conditioning of emb_c: guided DDIM with the model being trained, from noise down to
+        timesteps[stop]."""
+        n = len(emb_c)
+        x = torch.randn((n,) + self.latent_shape[1:], generator=self.gen).to(self.device)
         path = self.timesteps[: stop + 1]
         if self.cfg.sample_steps is not None and stop > self.cfg.sample_steps:
             idx = torch.linspace(0, stop, self.cfg.sample_steps + 1).round().long().tolist()
             path = [self.timesteps[i] for i in idx]
-        cond = Cond.cat([emb_0, emb_c])
+        cond = Cond.cat([emb_0.repeat(n), emb_c])
         with torch.no_grad(), self.autocast:
             for t, t_prev in zip(path, path[1:]):
                 out = self.unet(torch.cat([x, x]), t, **cond.kwargs()).sample.float()
@@ -494,41 +501,41 @@ class Eraser:
         return int(torch.randint(n, (1,), generator=self.gen))
 
     def step(self) -> float:
-        cfg = self.cfg
-        # Draw the concept (in one of its templates, with its guide prompt) and the step at which x_t is taken
-        # (uniform over the DDIM steps); a prompted run also draws a preserve prompt
+        cfg, n = self.cfg, self.cfg.batch
+        # Draw `batch` concepts (each in one of its templates, with its guide prompt) and the step at which their x_t
+        # are taken (uniform over the DDIM steps); a prompted run also draws as many preserve prompts
         if cfg.prompted:
-            concept, reference, _ = self.pairs[self._pick(len(self.pairs))]
+            drawn = [self.pairs[self._pick(len(self.pairs))][:2] for _ in range(n)]
         else:
-            concept, reference = cfg.concepts[self._pick(len(cfg.concepts))], cfg.anchor
+            drawn = [(cfg.concepts[self._pick(len(cfg.concepts))], cfg.anchor) for _ in range(n)]
         stop = self._pick(cfg.ddim_steps)
         t = self.timesteps[stop]
-        kept = [self.keep[self._pick(len(self.keep))]] if self.keep else []
-        emb_0, emb_c, *rest = self._conds(["", concept] + ([reference] if reference is not None else []) + kept)
-        emb_r = rest[0] if reference is not None else None
-        emb_k = rest[-1] if kept else None
+        kept = [self.keep[self._pick(len(self.keep))] for _ in range(n)] if self.keep else []
+        references = [r for _, r in drawn] if cfg.anchor is not None or cfg.prompted else []
+        conds = self._conds([""] + [c for c, _ in drawn] + references + kept)
+        emb_0, emb_c = conds[0], Cond.cat(conds[1:n + 1])
+        emb_r = Cond.cat(conds[n + 1:2 * n + 1]) if references else None
+        emb_k = Cond.cat(conds[-n:]) if kept else None
 
         # Sample x_t with the model being trained, guided by the concept
         x = self._sample_x_t(emb_c, emb_0, stop)
 
-        # Frozen model: unconditional, conditional, reference (anchor or guide prompt) and preserve predictions
-        frozen = [emb_0, emb_c] + [e for e in (emb_r, emb_k) if e is not None]
-        if self.frozen is None:
-            eps = list(self._frozen_eps(x, t, Cond.cat(frozen)))
-        else:
-            with torch.no_grad():
-                eps = [self.frozen(x, t, **e.kwargs()).sample[0] for e in frozen]
-        eps_0, eps_c, *more = (as_noise(e, x[0], self.alphas[t], self.prediction) for e in eps)
-        eps_r = more[0] if emb_r is not None else None
+        # Frozen model: the conditional predictions; the reference (guide prompt or anchor) or else the unconditional
+        # ones; the unconditional ones beside an anchor; the preserve prompts'
+        anchored = emb_r is not None and not cfg.prompted
+        parts = ([emb_c, emb_r if emb_r is not None else emb_0.repeat(n)] + ([emb_0.repeat(n)] if anchored else [])
+                 + ([emb_k] if emb_k is not None else []))
+        eps_c, eps_r, *more = self._frozen_eps(x, t, parts)
         # Target: the frozen prediction guided away from the concept (Eq. 7); inside a template, away from the concept
         # relative to its guide prompt (the template's other words keep their meaning)
-        target = esd_target(eps_r, eps_c, cfg.eta) if cfg.prompted else esd_target(eps_0, eps_c, cfg.eta, eps_r)
+        target = esd_target(more[0], eps_c, cfg.eta, eps_r) if anchored else esd_target(eps_r, eps_c, cfg.eta)
 
         # Prediction of the model being trained, for the concept (and the preserve prompt: held to the frozen one)
-        trained = Cond.cat([emb_c] + ([emb_k] if emb_k is not None else []))
+        trained = [emb_c] + ([emb_k] if emb_k is not None else [])
+        xs = x.repeat(len(trained), 1, 1, 1)
         with self.autocast:
-            out = self.unet(x.expand(len(trained), -1, -1, -1), t, **trained.kwargs()).sample.float()
-        pred = [as_noise(o, x[0], self.alphas[t], self.prediction) for o in out]
+            out = self.unet(xs, t, **Cond.cat(trained).kwargs()).sample.float()
+        pred = as_noise(out, xs, self.alphas[t], self.prediction).split(n)
         loss = F.mse_loss(pred[0], target)
         if emb_k is not None:
             loss = loss + cfg.preserve_scale * F.mse_loss(pred[1], more[-1])

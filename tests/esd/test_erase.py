@@ -38,11 +38,12 @@ def test_only_the_methods_parameters_change(tiny_sd):
     assert d.tensors and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in d.tensors)
 
 
-def test_fast_and_reference_compute_the_same_loss(tiny_sd):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_and_reference_compute_the_same_loss(tiny_sd, batch):
     for anchor in (None, "square"):
         losses = []
         for mode in ("reference", "fast"):
-            eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, anchor=anchor))
+            eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, anchor=anchor, batch=batch))
             losses.append(eraser.step())
         assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-7)
 
@@ -91,9 +92,35 @@ def test_the_retain_loss_holds_the_preserve_prompts_closer_than_plain_esd_u():
     assert 0 < held < 0.2 * plain, (held, plain)
 
 
-def test_fast_and_reference_compute_the_same_retain_loss(tiny_sd):
-    losses = [Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, **RETAIN)).step() for mode in ("reference", "fast")]
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_and_reference_compute_the_same_retain_loss(tiny_sd, batch):
+    losses = [Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, batch=batch, **RETAIN)).step()
+              for mode in ("reference", "fast")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-7)
+
+
+def test_a_batched_step_draws_its_prompts_and_noise_per_draw_at_one_timestep(tiny_sd, monkeypatch):
+    """batch 3: three erase prompts with their guides and three preserve prompts per step, three x_t sampled together,
+    every prediction at one timestep; the run records its batch and differs from one draw per step."""
+    eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(batch=3, **RETAIN))
+    seen, calls = [], []
+    conds, unet = eraser._conds, eraser.unet.forward
+    monkeypatch.setattr(eraser, "_conds", lambda prompts: seen.append(prompts) or conds(prompts))
+    monkeypatch.setattr(eraser.unet, "forward", lambda x, t, **kw: calls.append((x.shape[0], int(t))) or unet(x, t, **kw))
+    eraser.step()
+    (prompts,) = seen
+    pairs, keep = {p[:2] for p in eraser.pairs}, set(eraser.keep)
+    assert prompts[0] == "" and len(prompts) == 10
+    assert {(c, g) for c, g in zip(prompts[1:4], prompts[4:7])} <= pairs and set(prompts[7:]) <= keep
+    # the sampling of x_t (3 noises, unconditional and conditional), the frozen predictions (erase, guide and preserve
+    # prompts) and the trained ones (erase and preserve prompts), the last two at one timestep
+    *sampling, frozen, trained = calls
+    assert all(b == 6 for b, _ in sampling) and frozen == (9, trained[1]) and trained[0] == 6
+    a = erase(load_pipeline(tiny_sd), tiny_cfg(batch=3, **RETAIN), progress=False)
+    assert a.manifest["hyperparameters"]["batch"] == 3
+    one = erase(load_pipeline(tiny_sd), tiny_cfg(**RETAIN), progress=False)
+    assert one.manifest["hyperparameters"]["batch"] == 1
+    assert a.manifest["tensors_sha256"] != one.manifest["tensors_sha256"]
 
 
 def test_fast_mode_holds_no_second_unet(tiny_sd):
@@ -119,6 +146,9 @@ def test_fast_mode_holds_no_second_unet(tiny_sd):
     (dict(iterations=10 ** 9), "iterations is 1000000000; the limit is 100000"),
     (dict(iterations=True), "iterations must be a positive integer"),
     (dict(ddim_steps=5000), "ddim_steps is 5000; the limit is 1000"),
+    (dict(batch=0), "batch must be a positive integer"),
+    (dict(batch=2.5), "batch must be a positive integer"),
+    (dict(batch=65), "batch is 65; the limit is 64"),
 ])
 def test_bad_input_is_refused(kw, message):
     with pytest.raises((EraseError, ValueError), match=message):
