@@ -66,12 +66,13 @@ def _erase_and_judge(base_dir: Path, judge: Judge, concept: str, method: str, pa
 def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Path | None = None,
             methods: list[str] | None = None, concepts: list[str] | None = None, attack: bool = True,
             stacked: bool = True, reference: bool = True, overrides: dict | None = None, progress: bool = True,
-            cache_dir: Path | None = None, log=print) -> dict:
+            cache_dir: Path | None = None, log=print, seeds: list[int] | None = None) -> dict:
     """The field's protocol on the toy world, on held-out prompts: for each method and concept, erase from the
     base, judge, and report UA / IRA / CRA (IRA on held-out concepts), the look-alike's rate, the judge's
     agreement with the pixel probes, the post-attack rate, and the time taken; then a summary per kind and
     method, a reference-mode ESD-x erasure's time (the speed yardstick of the same run), and five default
-    takedowns stacked on one lineage. The base's judgements are kept in cache_dir when one is given."""
+    takedowns stacked on one lineage. Each erasure runs once per erasure seed (seeds; 0 alone by default): a trained
+    method's outcome can depend on it. The base's judgements are kept in cache_dir when one is given."""
     from tqdm.auto import tqdm
 
     from esd import methods as methods_lib
@@ -80,17 +81,18 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     from esd.toy import probes
 
     concepts = quality_concepts(concepts)
-    runs = quality_runs(methods, concepts)
+    seeds = erase_seeds(seeds)
+    runs = [(method, concept, seed) for method, concept in quality_runs(methods, concepts) for seed in seeds]
     judge = Judge.load(judge_dir)
     t0 = time.time()
     base = judge_base(base_dir, judge, cache_dir, 1, progress)
     base_probe = probes.agreement(base.pred, probes.probe(base.images))
     log(f"base judged in {time.time() - t0:.0f}s")
     result = {"base": toy_eval.base_summary(base), "base_judge_agreement": base_probe,
-              "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": []}
-    for method, concept in tqdm(runs, desc="quality", disable=not progress):
+              "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": [], "seeds": seeds}
+    for method, concept, seed in tqdm(runs, desc="quality", disable=not progress):
         pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, concept, method,
-                                                                **(overrides or {}))
+                                                                **((overrides or {}) | {"seed": seed}))
         row = toy_eval.unlearning(judged, concept)
         agreement = probes.agreement(judged.pred, probes.probe(judged.images))
         report = report_lib.build_report(base, judged, pipe, judge, [concept], [], report_lib.EvalConfig(attack=False),
@@ -98,7 +100,7 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         row.update(toy_eval.compare(base, judged, concept))
         t0 = time.time()
         attack_rate = attack_lib.recover(pipe, judge, base, concept)["success"] if attack else None
-        row.update(method=method, default=methods_lib.DEFAULT_BY_KIND[row["kind"]] == method,
+        row.update(method=method, seed=seed, default=methods_lib.DEFAULT_BY_KIND[row["kind"]] == method,
                    judge_agreement=sum(agreement.values()) / len(agreement), judge_agreement_heads=agreement,
                    attack_rate=attack_rate, attack_success=attack_rate, attack_seconds=time.time() - t0,
                    erase_seconds=erase_s, eval_seconds=eval_s, delta_bytes=delta.num_bytes,
@@ -108,7 +110,7 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         if "lookalike" in row:
             row["lookalike_drop"] = base.rate(row["head"], row["lookalike"]) - row["lookalike_rate"]
         result["erasures"].append(row)
-        log(f"{concept} ({method}): UA {row['ua']:.1%} IRA {row['ira']:.1%} (all {row['ira_all']:.1%}) CRA "
+        log(f"{concept} ({method}{f', seed {seed}' if len(seeds) > 1 else ''}): UA {row['ua']:.1%} IRA {row['ira']:.1%} (all {row['ira_all']:.1%}) CRA "
             f"{row['cra']:.1%} look-alike drop {row.get('lookalike_drop') or 0:+.1%} attack "
             f"{'-' if attack_rate is None else f'{attack_rate:.1%}'} judge~probe {row['judge_agreement']:.1%}; "
             f"erased in {erase_s:.1f}s, judged in {eval_s:.0f}s")
@@ -125,15 +127,34 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     return result
 
 
+MAX_SEEDS = 10
+
+
+def erase_seeds(seeds: list[int] | None) -> list[int]:
+    """The erasure seeds a benchmark runs each erasure at: distinct integers >= 0, at most MAX_SEEDS; none: [0]."""
+    seeds = [0] if seeds is None else list(seeds)
+    if not seeds or len(seeds) > MAX_SEEDS:
+        raise ValueError(f"give 1 to {MAX_SEEDS} erasure seeds, got {len(seeds)}")
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ValueError(f"an erasure seed is an integer >= 0, got {s!r}")
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"erasure seeds repeat: {seeds}")
+    return seeds
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per kind and method: each figure averaged over the concepts, with its pooled standard error."""
+    """One row per kind and method: each figure averaged over the concepts (and the erasure seeds each ran at), with
+    its pooled standard error, and the lowest UA of any one erasure."""
     out = []
     for kind in ("style", "object"):
         for method in dict.fromkeys(r["method"] for r in rows):
             group = [r for r in rows if r["kind"] == kind and r["method"] == method]
             if not group:
                 continue
-            row = {"kind": kind, "method": method, "default": group[0]["default"], "concepts": len(group)}
+            row = {"kind": kind, "method": method, "default": group[0]["default"],
+                   "concepts": len({r["concept"] for r in group}), "erasures": len(group),
+                   "lowest_ua": min(r["ua"] for r in group)}
             for key in ("ua", "ira", "cra"):
                 row[key], row[f"{key}_se"] = toy_eval.pooled(group, key)
             for key in ("attack_rate", "erase_seconds", "eval_seconds", "judge_agreement", "lookalike_drop"):

@@ -201,6 +201,7 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
                   attack: bool = typer.Option(True, help="run the recovery attack on every erasure"),
                   stacked: bool = typer.Option(True, help="five default takedowns stacked on one lineage"),
                   reference: bool = typer.Option(True, help="time one reference-mode esd-x erasure"),
+                  seeds: str = typer.Option("0", help="comma-separated erasure seeds: each erasure runs at each"),
                   out: Optional[Path] = typer.Option(None, help="before/after grids (default: ESD_HOME/bench)")):
     """The field's protocol on the toy world (held-out prompts): UA, IRA, CRA, attack, time; a table per kind."""
     from esd.bench import quality
@@ -208,12 +209,17 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
     def split(text):
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
+    try:
+        seed_list = [int(s) for s in split(seeds) or []]
+    except ValueError:
+        fail(f"--seeds takes comma-separated integers, got {seeds!r}")
     out = out or home() / "bench"
     # with --json, stdout carries the one JSON object; the progress bars and lines go to stderr
     log = Console(stderr=True, soft_wrap=True).print if as_json else console.print
     try:
         result = quality(out_dir=out, methods=split(methods), concepts=split(concepts), attack=attack, stacked=stacked,
-                         reference=reference, progress=True, cache_dir=home() / "cache" / "judged", log=log)
+                         reference=reference, progress=True, cache_dir=home() / "cache" / "judged", log=log,
+                         seeds=seed_list)
     except ValueError as exc:
         fail(first_line(exc))
     if as_json:
@@ -223,27 +229,30 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
     console.print(f"base model on its own generations (held-out prompts): shape {b['shape']:.1%}  color "
                   f"{b['color']:.1%}  style {b['style']:.1%}; judge/probe agreement "
                   + ", ".join(f"{k} {v:.1%}" for k, v in result["base_judge_agreement"].items()))
-    rows = Table("concept", "method", "UA", "IRA held-out", "IRA all", "CRA", "look-alike drop", "attack",
+    rows = Table("concept", "method", "seed", "UA", "IRA held-out", "IRA all", "CRA", "look-alike drop", "attack",
                  "judge~probe", "worst drop", "erase s", "eval s")
     for e in result["erasures"]:
-        rows.add_row(e["concept"], e["method"], f"{e['ua']:.1%}", f"{e['ira']:.1%}", f"{e['ira_all']:.1%}",
+        rows.add_row(e["concept"], e["method"], str(e["seed"]), f"{e['ua']:.1%}", f"{e['ira']:.1%}", f"{e['ira_all']:.1%}",
                      f"{e['cra']:.1%}", "-" if e.get("lookalike_drop") is None else f"{e['lookalike_drop']:+.1%}",
                      "-" if e["attack_rate"] is None else f"{e['attack_rate']:.1%}", f"{e['judge_agreement']:.1%}",
                      f"{e['worst_other']} {-e['max_other_drop']:+.1%}", f"{e['erase_seconds']:.1f}",
                      f"{e['eval_seconds']:.0f}")
     console.print(rows)
     for kind in ("style", "object"):
-        table = Table("method", "UA", "IRA (held-out)", "CRA", "attack", "look-alike drop (worst)", "erase s",
-                      "concepts", title=f"{kind}: mean over concepts, +- standard error")
+        table = Table("method", "UA", "lowest UA", "IRA (held-out)", "CRA", "attack", "look-alike drop (worst)",
+                      "erase s", "concepts", title=f"{kind}: mean over concepts (and erasure seeds "
+                      f"{', '.join(map(str, result['seeds']))}), +- standard error")
         for r in (r for r in result["summary"] if r["kind"] == kind):
             table.add_row(r["method"] + (" (default)" if r["default"] else ""),
-                          f"{r['ua']:.1%} +- {r['ua_se']:.1%}", f"{r['ira']:.1%} +- {r['ira_se']:.1%}",
+                          f"{r['ua']:.1%} +- {r['ua_se']:.1%}", f"{r['lowest_ua']:.1%}",
+                          f"{r['ira']:.1%} +- {r['ira_se']:.1%}",
                           f"{r['cra']:.1%} +- {r['cra_se']:.1%}",
                           "-" if r["attack_rate"] is None else f"{r['attack_rate']:.1%}",
                           "-" if r["worst_lookalike_drop"] is None else f"{r['worst_lookalike_drop']:+.1%}",
                           f"{r['erase_seconds']:.1f}", str(r["concepts"]))
         for name, row in UNLEARNCANVAS.items():
-            table.add_row(f"UnlearnCanvas {name} (SD 1.5)", *(f"{v:.2f}%" for v in row[kind]), "", "", f"{row['time']}", "")
+            ua, ira, cra = (f"{v:.2f}%" for v in row[kind])
+            table.add_row(f"UnlearnCanvas {name} (SD 1.5)", ua, "", ira, cra, "", "", f"{row['time']}", "")
         console.print(table)
     if "reference_erase_seconds" in result:
         console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")

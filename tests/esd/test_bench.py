@@ -45,3 +45,44 @@ def test_speed_run_measures_the_sdxl_shaped_loop(monkeypatch):
     for mode in ("reference", "fast"):
         run = speed_run("sdxl", "esd-x", mode, iterations=1)
         assert run["s_per_it"] > 0 and run["peak_bytes"] > 0 and run["config"] == "sdxl"
+
+
+def test_erasure_seeds_default_to_zero_and_bad_ones_are_refused():
+    import pytest
+
+    from esd.bench import MAX_SEEDS, erase_seeds
+
+    assert erase_seeds(None) == [0] and erase_seeds([2, 0, 1]) == [2, 0, 1]
+    for bad, message in (([], "give 1 to"), (list(range(MAX_SEEDS + 1)), "give 1 to"), ([-1], "integer >= 0"),
+                         ([True], "integer >= 0"), ([1, 1], "repeat")):
+        with pytest.raises(ValueError, match=message):
+            erase_seeds(bad)
+
+
+def test_the_summary_averages_over_concepts_and_seeds_and_names_the_lowest_erasure():
+    from esd.bench import summarize
+
+    def row(concept, seed, ua):
+        return {"kind": "object", "method": "esd-u-retain", "default": True, "concept": concept, "seed": seed,
+                "ua": ua, "ua_se": 0.0, "ira": 1.0, "ira_se": 0.0, "cra": 1.0, "cra_se": 0.0, "attack_rate": None,
+                "erase_seconds": 10.0 * (seed + 1), "eval_seconds": 5.0, "judge_agreement": 0.9}
+
+    rows = [row("circle", 0, 1.0), row("circle", 1, 0.9), row("triangle", 0, 0.95), row("triangle", 1, 0.25)]
+    (summary,) = summarize(rows)
+    assert summary["concepts"] == 2 and summary["erasures"] == 4
+    assert abs(summary["ua"] - 0.775) < 1e-12 and summary["lowest_ua"] == 0.25
+    assert summary["erase_seconds"] == 15.0 and summary["attack_rate"] is None
+
+
+def test_bench_quality_refuses_bad_seeds_in_one_line_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from esd.cli import app
+
+    monkeypatch.setenv("ESD_HOME", str(tmp_path / "home"))
+    for seeds, message in (("x", "--seeds takes comma-separated integers"), ("1,1", "erasure seeds repeat"),
+                           ("-1", "integer >= 0")):
+        result = CliRunner().invoke(app, ["bench", "quality", "--seeds", seeds, "--out", str(tmp_path / "out")])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
