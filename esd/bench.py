@@ -110,7 +110,8 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         if "lookalike" in row:
             row["lookalike_drop"] = base.rate(row["head"], row["lookalike"]) - row["lookalike_rate"]
         result["erasures"].append(row)
-        log(f"{concept} ({method}{f', seed {seed}' if len(seeds) > 1 else ''}): UA {row['ua']:.1%} IRA {row['ira']:.1%} (all {row['ira_all']:.1%}) CRA "
+        which = f"{method}, seed {seed}" if len(seeds) > 1 else method
+        log(f"{concept} ({which}): UA {row['ua']:.1%} IRA {row['ira']:.1%} (all {row['ira_all']:.1%}) CRA "
             f"{row['cra']:.1%} look-alike drop {row.get('lookalike_drop') or 0:+.1%} attack "
             f"{'-' if attack_rate is None else f'{attack_rate:.1%}'} judge~probe {row['judge_agreement']:.1%}; "
             f"erased in {erase_s:.1f}s, judged in {eval_s:.0f}s")

@@ -511,7 +511,7 @@ class Eraser:
         stop = self._pick(cfg.ddim_steps)
         t = self.timesteps[stop]
         kept = [self.keep[self._pick(len(self.keep))] for _ in range(n)] if self.keep else []
-        references = [r for _, r in drawn] if cfg.anchor is not None or cfg.prompted else []
+        references = [r for _, r in drawn if r is not None]   # guide prompts, or the anchor, or none
         conds = self._conds([""] + [c for c, _ in drawn] + references + kept)
         emb_0, emb_c = conds[0], Cond.cat(conds[1:n + 1])
         emb_r = Cond.cat(conds[n + 1:2 * n + 1]) if references else None
