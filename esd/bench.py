@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+from esd import erase_defaults
 from esd.erase import EraseConfig, erase
 from esd.evaluate import toy as toy_eval
 from esd.models import load_pipeline
@@ -51,12 +53,18 @@ def quality_concepts(names: list[str] | None = None) -> list[str]:
     return concepts
 
 
+def erase_config(concept: str, method: str, operator: dict | None = None, overrides: dict | None = None) -> EraseConfig:
+    """A benchmark erasure's settings, as a takedown's: the concept's kind, the operator's defaults for the method and
+    kind (erase_defaults.load()'s), then the benchmark's own."""
+    return EraseConfig([concept], method=method,
+                       **erase_defaults.settings(method, concept_kind(concept), overrides, operator or {}))
+
+
 def _erase_and_judge(base_dir: Path, judge: Judge, concept: str, method: str, parent=None, progress: bool = False,
-                     **overrides):
+                     operator: dict | None = None, **overrides):
     pipe = load_pipeline(base_dir)
     t0 = time.time()
-    delta = erase(pipe, EraseConfig([concept], method=method, concept_kind=concept_kind(concept), **overrides),
-                  parent=parent, progress=progress)
+    delta = erase(pipe, erase_config(concept, method, operator, overrides), parent=parent, progress=progress)
     erase_s = time.time() - t0
     t0 = time.time()
     judged = toy_eval.judge_model(pipe, judge)
@@ -72,7 +80,8 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     agreement with the pixel probes, the post-attack rate, and the time taken; then a summary per kind and
     method, a reference-mode ESD-x erasure's time (the speed yardstick of the same run), and five default
     takedowns stacked on one lineage. Each erasure runs once per erasure seed (seeds; 0 alone by default): a trained
-    method's outcome can depend on it. The base's judgements are kept in cache_dir when one is given."""
+    method's outcome can depend on it. Every erasure takes the operator's ESD_ERASE_DEFAULTS as a takedown would
+    (esd/erase_defaults.py), under `overrides`. The base's judgements are kept in cache_dir when one is given."""
     from tqdm.auto import tqdm
 
     from esd import methods as methods_lib
@@ -82,6 +91,9 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
 
     concepts = quality_concepts(concepts)
     seeds = erase_seeds(seeds)
+    operator = erase_defaults.load()
+    if operator:
+        log(f"{erase_defaults.ENV}: {json.dumps(operator)}")
     runs = [(method, concept, seed) for method, concept in quality_runs(methods, concepts) for seed in seeds]
     judge = Judge.load(judge_dir)
     t0 = time.time()
@@ -89,9 +101,10 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
     base_probe = probes.agreement(base.pred, probes.probe(base.images))
     log(f"base judged in {time.time() - t0:.0f}s")
     result = {"base": toy_eval.base_summary(base), "base_judge_agreement": base_probe,
-              "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": [], "seeds": seeds}
+              "base_rates": {c: toy_eval.unlearning(base, c) for c in concepts}, "erasures": [], "seeds": seeds,
+              "erase_defaults": operator}
     for method, concept, seed in tqdm(runs, desc="quality", disable=not progress):
-        pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, concept, method,
+        pipe, delta, judged, erase_s, eval_s = _erase_and_judge(base_dir, judge, concept, method, operator=operator,
                                                                 **((overrides or {}) | {"seed": seed}))
         row = toy_eval.unlearning(judged, concept)
         agreement = probes.agreement(judged.pred, probes.probe(judged.images))
@@ -124,7 +137,7 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         result["reference_erase_seconds"] = time.time() - t0
         log(f"reference-mode esd-x erasure of Vela Moreau: {result['reference_erase_seconds']:.0f}s")
     if stacked:
-        result["stacked"] = stack(base_dir, judge, STACK_ORDER, progress, log, cache_dir)
+        result["stacked"] = stack(base_dir, judge, STACK_ORDER, progress, log, cache_dir, operator)
     return result
 
 
@@ -175,8 +188,10 @@ def judge_base(base_dir: Path, judge: Judge, cache_dir: Path | None, seeds_per_p
     return toy_eval.judge_model_cached(pipe, judge, cache_dir, seeds_per_prompt=seeds_per_prompt, progress=progress)
 
 
-def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, cache_dir: Path | None = None) -> dict:
-    """Takedowns in a row on one lineage, each with its kind's default method; then every erased concept's UA and
+def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, cache_dir: Path | None = None,
+          operator: dict | None = None) -> dict:
+    """Takedowns in a row on one lineage, each with its kind's default method (and the operator's settings for it,
+    as erase_defaults.load() returned them); then every erased concept's UA and
     the untouched concepts' IRA and CRA (the lowest of each over the artists and shapes; prompts naming no artist,
     "plain", are reported beside them, as no concept a takedown could name)."""
     from esd import methods as methods_lib
@@ -187,7 +202,7 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, c
         method = methods_lib.DEFAULT_BY_KIND[kind]
         pipe = load_pipeline(base_dir)
         t0 = time.time()
-        parent = erase(pipe, EraseConfig([concept], method=method, concept_kind=kind), parent=parent, progress=progress)
+        parent = erase(pipe, erase_config(concept, method, operator), parent=parent, progress=progress)
         log(f"stacked {concept} ({method}) in {time.time() - t0:.1f}s")
     judged = toy_eval.judge_model(pipe, judge, seeds_per_prompt=STACK_SEEDS)   # the last version carries them all
     # the base on the same images: what each untouched figure is before any erasure (the judge is not perfect)

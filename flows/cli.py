@@ -49,7 +49,7 @@ class Status(str, Enum):
 
 
 def platform_errors() -> tuple[type[BaseException], ...]:
-    from flows.erase_defaults import EraseDefaultsError
+    from esd.erase_defaults import EraseDefaultsError
     from flows.gate import GateError
     from flows.promotion import ProductionMoved
     from flows.requests import RequestError

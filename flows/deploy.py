@@ -151,7 +151,7 @@ def deploy_all(retrain_cron: str, retrain_model: str, pool: str = WORK_POOL, tim
 def up(settings: Settings) -> list[stack.ServiceStatus]:
     """The platform's `stack up`: the gate's and the operator's erase settings checked, every service answering, then
     the work pool and deployments in place."""
-    from flows import erase_defaults
+    from esd import erase_defaults
     from flows.gate import load_settings
 
     load_settings()

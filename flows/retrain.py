@@ -6,7 +6,7 @@ import hashlib
 
 from prefect import flow
 
-from flows import erase_defaults
+from esd import erase_defaults
 from flows.deploy import lineage_slot
 from flows.gate import load_settings
 from flows.platform import Platform

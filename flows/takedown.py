@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from esd import erase_defaults
 from esd.erase import EraseConfig
-from flows import erase_defaults
 from flows.deploy import lineage_slot
 from flows.gate import load_settings
 from flows.platform import Platform

@@ -86,3 +86,31 @@ def test_bench_quality_refuses_bad_seeds_in_one_line_before_any_work(tmp_path, m
         assert result.exit_code != 0 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_erasures_take_the_operators_settings_under_their_own(monkeypatch):
+    from esd import erase_defaults
+    from esd.bench import erase_config
+
+    monkeypatch.setenv(erase_defaults.ENV, '{"esd-u-retain": {"batch": {"object": 4}, "sample_steps": {"object": 2}}}')
+    operator = erase_defaults.load()
+    shape = erase_config("triangle", "esd-u-retain", operator)
+    assert (shape.batch, shape.sample_steps, shape.concept_kind) == (4, 2, "object")
+    artist = erase_config("Vela Moreau", "esd-u-retain", operator)
+    assert (artist.batch, artist.sample_steps, artist.concept_kind) == (None, None, "style")
+    own = erase_config("triangle", "esd-u-retain", operator, {"batch": 2, "seed": 1})
+    assert (own.batch, own.sample_steps, own.seed) == (2, 2, 1)
+    assert erase_config("triangle", "esd-u-retain").batch is None
+
+
+def test_bench_quality_refuses_bad_operator_settings_in_one_line_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from esd.cli import app
+
+    monkeypatch.setenv("ESD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ESD_ERASE_DEFAULTS", '{"esd-u-retain": {"batch": {"object": 0}}}')
+    result = CliRunner().invoke(app, ["bench", "quality", "--concepts", "triangle", "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "ESD_ERASE_DEFAULTS: esd-u-retain (object): batch" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "cache").exists()

@@ -92,9 +92,10 @@ def call(fn, *args, **kwargs):
 
 def cases(tmp: Path, platform) -> list[tuple[str, object, str]]:
     """(what, the action, a word the error must contain)."""
+    from esd import erase_defaults
     from esd.erase import EraseConfig
     from esd.evaluate.real import read_prompt_csv
-    from flows import erase_defaults, promotion
+    from flows import promotion
     from flows.gate import load_settings
     from flows.requests import Request
     from registry import versions

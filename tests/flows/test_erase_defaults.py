@@ -8,7 +8,7 @@ import json
 import pytest
 
 from esd.erase import EraseConfig
-from flows.erase_defaults import ENV, EraseDefaultsError, load, settings
+from esd.erase_defaults import ENV, EraseDefaultsError, load, settings
 
 
 def test_a_request_gets_the_operator_defaults_of_its_method_and_kind_under_its_own(monkeypatch):

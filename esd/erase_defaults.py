@@ -1,6 +1,7 @@
 """The operator's erase settings: ESD_ERASE_DEFAULTS, a JSON object of the same shape as a base folder's
 esd_defaults.json ({"<method>": {"<setting>": value, or {"style": value, "object": value, "*": value}}}), laid over
-the base's defaults for every takedown and retrain this worker runs. A request's own settings still come first.
+the base's defaults for every takedown and retrain this worker runs, and for every erasure of `esd bench quality` (so a
+candidate default is measured as takedowns would run it). A request's own settings still come first.
 
 For example ESD_ERASE_DEFAULTS='{"uce-tokens-adv": {"attack_steps": 30}}' halves the style default's textual
 inversion on a slow machine; '{"esd-u-retain": {"iterations": {"object": 300}}}' trains object erasures longer on a
