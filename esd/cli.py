@@ -233,7 +233,8 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
                  "judge~probe", "worst drop", "erase s", "eval s")
     for e in result["erasures"]:
         rows.add_row(e["concept"], e["method"], str(e["seed"]), f"{e['ua']:.1%}", f"{e['ira']:.1%}",
-                     f"{e['ira_all']:.1%}", f"{e['cra']:.1%}", "-" if e.get("lookalike_drop") is None else f"{e['lookalike_drop']:+.1%}",
+                     f"{e['ira_all']:.1%}", f"{e['cra']:.1%}",
+                     "-" if e.get("lookalike_drop") is None else f"{e['lookalike_drop']:+.1%}",
                      "-" if e["attack_rate"] is None else f"{e['attack_rate']:.1%}", f"{e['judge_agreement']:.1%}",
                      f"{e['worst_other']} {-e['max_other_drop']:+.1%}", f"{e['erase_seconds']:.1f}",
                      f"{e['eval_seconds']:.0f}")

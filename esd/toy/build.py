@@ -34,7 +34,7 @@ ESD_DEFAULTS = {
 ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 3.0, "sample_steps": 4, "preserve_scale": 3.0}
 # esd-u-retain on an object request (the shapes' default): four draws per step at one timestep, pushed at eta 2, x_t in
 # two DDIM jumps. One draw per step at eta 3 took the shape at some erasure seeds and not at others (README).
-OBJECT_RETAIN = {"batch": {"object": 4, "*": 1}, "eta": {"object": 2.0, "*": 3.0}, "sample_steps": {"object": 2, "*": 4}}
+OBJECT_RETAIN = {"batch": 4, "eta": 2.0, "sample_steps": 2}
 # uce-tokens-esd's trained part: a short, gentle esd-u-retain, one draw per step (its other settings as above); the
 # rest is uce-tokens'
 COMBINED = {"iterations": 30, "eta": 1.0, "batch": 1, "sample_steps": 4}
@@ -69,13 +69,19 @@ def closed_form_defaults() -> dict:
             "push": {"style": 0.0, "object": 0.3}, "preserve_scale": {"style": 10.0, "object": 1.0}}
 
 
+def for_objects(settings: dict, objects: dict) -> dict:
+    """settings with objects' values taken by an object request; any other kind keeps the settings' own (or, for a
+    setting they lack, the method's)."""
+    return settings | {k: {"object": v} | ({"*": settings[k]} if k in settings else {}) for k, v in objects.items()}
+
+
 def erase_defaults() -> dict:
     cf = closed_form_defaults()
     # esd-u-retain erases in the same method-visible templates, toward the same guides, and holds the same
     # preservation concepts (its retain set)
     prompted = {k: cf[k] for k in ("templates", "preserve")}
     return (ESD_DEFAULTS | {m: cf for m in ("uce", "uce-robust", "uce-tokens", "uce-tokens-robust", "uce-tokens-adv")}
-            | {"esd-u-retain": ESD_RETAIN | OBJECT_RETAIN | prompted, "uce-tokens-esd": COMBINED,
+            | {"esd-u-retain": for_objects(ESD_RETAIN, OBJECT_RETAIN) | prompted, "uce-tokens-esd": COMBINED,
                "esd-xout-retain": ESD_RETAIN | XOUT | prompted, "uce-tokens-xout": COMBINED | XOUT})
 
 
