@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -357,9 +357,45 @@ def start_from(unet: torch.nn.Module, parent: delta_lib.Delta | None,
     return base_sha256, base_state
 
 
+# Settings a lineage's trained erasures may differ in and still be trained again together (trained_again)
+OWN_SETTINGS = ("seed", "iterations", "preserve")
+
+
+def trained_again(parent: delta_lib.Delta | None, cfg: EraseConfig, params: list[str]) -> list[dict]:
+    """The parent's trained erasures that a new trained erasure (cfg, resolved, on `params`) trains again with its own
+    concepts, from the base: every erasure of the lineage that changed any of these parameters, when all of them were
+    made by cfg's method with cfg's settings (their own seed, iterations and preserve prompts apart). Trained one at a
+    time against the base and added, two shape erasures undo part of each other (README, Stacking). Empty when there
+    are none, or when an erasure by another method or with other settings changed these parameters: the new one is
+    then trained alone and the parent's changes added to it, as they cannot be told apart."""
+    if parent is None:
+        return []
+    entries = []
+    for e in parent.manifest.get("erasures", []):
+        method = methods.METHODS.get(e.get("method"))
+        if method is None or e.get("hyperparameters") is None:
+            return []
+        if not any(method.selects(n) for n in params):
+            continue
+        if e["method"] != cfg.method:
+            return []
+        entries.append(e)
+    if not entries:
+        return []
+    concepts = {normal_concept(c) for e in entries for c in e["concepts"]} | {normal_concept(c) for c in cfg.concepts}
+
+    def settings(hp: dict) -> str:
+        kept = {k: v for k, v in hp.items() if k not in OWN_SETTINGS}
+        preserve = sorted({normal_concept(p) for p in hp.get("preserve") or []} - concepts)
+        return json.dumps(kept | {"preserve": preserve}, sort_keys=True, default=str)
+
+    mine = settings(cfg.used())
+    return entries if all(settings(e["hyperparameters"]) == mine for e in entries) else []
+
+
 def finish_delta(unet: torch.nn.Module, cfg: EraseConfig, base_sha256: str, base_state: dict[str, torch.Tensor],
                  dtype: torch.dtype, parent_manifest: dict | None, final_loss: float | None,
-                 prediction: str = "epsilon") -> delta_lib.Delta:
+                 prediction: str = "epsilon", trained_with: list[str] | None = None) -> delta_lib.Delta:
     """Round the UNet's tensors named in base_state to dtype, in place, and diff them against the base, with the
     manifest every method writes."""
     state = unet.state_dict()
@@ -368,6 +404,8 @@ def finish_delta(unet: torch.nn.Module, cfg: EraseConfig, base_sha256: str, base
         for k in keys:
             state[k].copy_(state[k].to(dtype))
     this = {"concepts": cfg.concepts, "method": cfg.method, "anchor": cfg.anchor, "hyperparameters": cfg.used()}
+    if trained_with:
+        this["trained_with"] = trained_with
     earlier = list((parent_manifest or {}).get("erasures", []))
     manifest = {
         "base_sha256": base_sha256,
@@ -409,6 +447,19 @@ class Eraser:
         # parent's changes and the trained ones.
         self.base_sha256, self.base_state = start_from(self.unet, parent, apply=False)
         self.params = methods.select(self.unet, cfg.method)
+        # The lineage's erasures by this method with these settings are trained again with this one, from the base, as
+        # one erasure of all their concepts with their iterations added (trained_again); the delta replaces their
+        # changes to these parameters and records this request's concepts, naming the others as trained with it.
+        self.request = self.cfg
+        again = trained_again(parent, self.cfg, list(self.params))
+        self.trained_with = list(dict.fromkeys(c for e in again for c in e["concepts"]))
+        if again:
+            joint = self.trained_with + [c for c in self.cfg.concepts if c not in self.trained_with]
+            erased = {normal_concept(c) for c in joint}
+            self.cfg = replace(self.cfg, concepts=joint,
+                               iterations=self.cfg.iterations + sum(e["hyperparameters"]["iterations"] for e in again),
+                               preserve=[p for p in self.cfg.preserve or [] if normal_concept(p) not in erased] or None)
+            cfg = self.cfg
         # Values the frozen model sees for the trained parameters; the base's for the rest of the diff.
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
         for n, v in self.original.items():
@@ -569,11 +620,12 @@ class Eraser:
                 for name, value in self.parent.tensors.items():
                     value = value.to(self.device, state[name].dtype)
                     if name in self.params:
-                        state[name].add_(value - self.base_state[name])
+                        if not self.trained_with:        # else trained again here: replaced
+                            state[name].add_(value - self.base_state[name])
                     else:
                         state[name].copy_(value)
-        return finish_delta(self.unet, self.cfg, self.base_sha256, self.base_state, self.storage_dtype,
-                            self.parent_manifest, losses[-1] if losses else None, self.prediction)
+        return finish_delta(self.unet, self.request, self.base_sha256, self.base_state, self.storage_dtype,
+                            self.parent_manifest, losses[-1] if losses else None, self.prediction, self.trained_with)
 
 
 def erase(pipe, cfg: EraseConfig, parent: delta_lib.Delta | None = None, progress: bool = True,

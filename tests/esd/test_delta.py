@@ -118,6 +118,44 @@ def test_a_trained_erasure_on_a_lineage_is_trained_against_the_base_and_adds_the
     assert all(torch.equal(carried.tensors[n], t) for n, t in first.tensors.items())
 
 
+def test_trained_erasures_of_one_method_and_settings_on_a_lineage_are_trained_again_together(tiny_sd):
+    """A second trained erasure by the method and settings of the lineage's earlier one trains both concepts from the
+    base with their iterations added: to the bit, the one erasure of both; the closed-form change between them is
+    carried, and the manifest names this request's concept and the one trained with it."""
+    first = erase(load_pipeline(tiny_sd), cfg("circle", "esd-u"), progress=False)
+    kv = erase(load_pipeline(tiny_sd), EraseConfig(["Vela Moreau"], method="uce"), parent=first, progress=False)
+    second = erase(load_pipeline(tiny_sd), cfg("square", "esd-u"), parent=kv, progress=False)
+    both = erase(load_pipeline(tiny_sd), EraseConfig(["circle", "square"], method="esd-u", iterations=4, ddim_steps=3,
+                                                     lr=1e-3), progress=False)
+    assert set(second.tensors) == set(both.tensors) | set(kv.tensors)
+    for name, value in second.tensors.items():
+        assert torch.equal(value, both.tensors[name] if name in both.tensors else kv.tensors[name]), name
+    this = second.manifest["erasures"][-1]
+    assert this["concepts"] == ["square"] and this["trained_with"] == ["circle"]
+    assert this["hyperparameters"]["iterations"] == 2 and second.manifest["all_concepts"] == ["Vela Moreau", "circle",
+                                                                                              "square"]
+    # a third takes both earlier ones: six iterations over three concepts
+    third = erase(load_pipeline(tiny_sd), cfg("triangle", "esd-u"), parent=second, progress=False)
+    assert third.manifest["erasures"][-1]["trained_with"] == ["circle", "square"]
+    three = erase(load_pipeline(tiny_sd), EraseConfig(["circle", "square", "triangle"], method="esd-u", iterations=6,
+                                                      ddim_steps=3, lr=1e-3), progress=False)
+    assert all(torch.equal(third.tensors[n], t) for n, t in three.tensors.items())
+
+
+def test_a_trained_erasure_with_other_settings_on_a_lineage_is_trained_alone_and_added(tiny_sd):
+    """Settings other than the seed, iterations and preserve prompts differ (here eta): the earlier change cannot be
+    trained again as it was made, so the new erasure is trained from the base alone and the parent's change added."""
+    base = {k: v.clone() for k, v in load_pipeline(tiny_sd).unet.state_dict().items()}
+    first = erase(load_pipeline(tiny_sd), cfg("circle", "esd-u"), progress=False)
+    other = EraseConfig(["square"], method="esd-u", iterations=2, ddim_steps=3, lr=1e-3, eta=2.0)
+    alone = erase(load_pipeline(tiny_sd), other, progress=False)
+    other = EraseConfig(["square"], method="esd-u", iterations=2, ddim_steps=3, lr=1e-3, eta=2.0)
+    second = erase(load_pipeline(tiny_sd), other, parent=first, progress=False)
+    assert "trained_with" not in second.manifest["erasures"][-1]
+    for name, value in second.tensors.items():
+        torch.testing.assert_close(value, alone.tensors[name] + first.tensors[name] - base[name])
+
+
 def test_a_parent_made_for_another_base_is_refused_before_training(tiny_sd):
     first = erase(load_pipeline(tiny_sd), cfg("circle", "esd-x-strict"), progress=False)
     first.manifest["base_sha256"] = "0" * 64
