@@ -137,7 +137,10 @@ def quality(base_dir: Path = BASE_DIR, judge_dir: Path = JUDGE_DIR, out_dir: Pat
         result["reference_erase_seconds"] = time.time() - t0
         log(f"reference-mode esd-x erasure of Vela Moreau: {result['reference_erase_seconds']:.0f}s")
     if stacked:
-        result["stacked"] = stack(base_dir, judge, STACK_ORDER, progress, log, cache_dir, operator)
+        # the stack at each erasure seed: "stacked" is the first seed's, "stacked_seeds" every seed's
+        result["stacked_seeds"] = [stack(base_dir, judge, STACK_ORDER, progress, log, cache_dir, operator, seed)
+                                   for seed in seeds]
+        result["stacked"] = result["stacked_seeds"][0]
     return result
 
 
@@ -189,9 +192,9 @@ def judge_base(base_dir: Path, judge: Judge, cache_dir: Path | None, seeds_per_p
 
 
 def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, cache_dir: Path | None = None,
-          operator: dict | None = None) -> dict:
+          operator: dict | None = None, seed: int = 0) -> dict:
     """Takedowns in a row on one lineage, each with its kind's default method (and the operator's settings for it,
-    as erase_defaults.load() returned them); then every erased concept's UA and
+    as erase_defaults.load() returned them) at erasure seed `seed`; then every erased concept's UA and
     the untouched concepts' IRA and CRA (the lowest of each over the artists and shapes; prompts naming no artist,
     "plain", are reported beside them, as no concept a takedown could name)."""
     from esd import methods as methods_lib
@@ -202,12 +205,12 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, c
         method = methods_lib.DEFAULT_BY_KIND[kind]
         pipe = load_pipeline(base_dir)
         t0 = time.time()
-        parent = erase(pipe, erase_config(concept, method, operator), parent=parent, progress=progress)
-        log(f"stacked {concept} ({method}) in {time.time() - t0:.1f}s")
+        parent = erase(pipe, erase_config(concept, method, operator, {"seed": seed}), parent=parent, progress=progress)
+        log(f"stacked {concept} ({method}, seed {seed}) in {time.time() - t0:.1f}s")
     judged = toy_eval.judge_model(pipe, judge, seeds_per_prompt=STACK_SEEDS)   # the last version carries them all
     # the base on the same images: what each untouched figure is before any erasure (the judge is not perfect)
     before = judge_base(base_dir, judge, cache_dir, STACK_SEEDS)
-    out = {"order": order, "seeds_per_prompt": STACK_SEEDS, "erased": {}, "untouched": {}}
+    out = {"order": order, "seed": seed, "seeds_per_prompt": STACK_SEEDS, "erased": {}, "untouched": {}}
     for concept in order:
         r = toy_eval.unlearning(judged, concept)
         out["erased"][concept] = {"ua": r["ua"], "ira": r["ira"], "cra": r["cra"]}

@@ -257,11 +257,11 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         console.print(table)
     if "reference_erase_seconds" in result:
         console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")
-    st = result.get("stacked")
-    if st:
+    for st in result.get("stacked_seeds") or ([result["stacked"]] if result.get("stacked") else []):
         low = st["lowest_untouched"]
         plain = st["untouched"].get("plain")
-        console.print(f"stacked {' then '.join(st['order'])}: lowest erased UA {st['min_erased_ua']:.1%}, lowest "
+        console.print(f"stacked {' then '.join(st['order'])} (erasure seed {st.get('seed', 0)}): lowest erased UA "
+                      f"{st['min_erased_ua']:.1%} ({min(st['erased'], key=lambda c: st['erased'][c]['ua'])}), lowest "
                       f"untouched IRA {st['min_untouched_ira']:.1%} ({low}; the base: "
                       f"{st['untouched'][low]['base_ira']:.1%} of the same {st['untouched'][low]['images']} images), "
                       f"CRA {st['min_untouched_cra']:.1%}"

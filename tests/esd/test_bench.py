@@ -1,5 +1,7 @@
 """The speed benchmark's measurement on the committed toy base: both modes, the sampling option honoured."""
 
+import pytest
+
 from esd.bench import speed_run
 
 
@@ -114,3 +116,23 @@ def test_bench_quality_refuses_bad_operator_settings_in_one_line_before_any_work
     assert result.exit_code != 0 and "ESD_ERASE_DEFAULTS: esd-u-retain (object): batch" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "cache").exists()
+
+
+def test_the_stack_erases_every_takedown_at_its_erasure_seed(monkeypatch):
+    from esd import bench
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def erase(pipe, cfg, parent=None, progress=False):
+        seen.append((cfg.concepts, cfg.method, cfg.seed))
+        if len(seen) == 2:
+            raise Stop
+        return None
+
+    monkeypatch.setattr(bench, "erase", erase)
+    with pytest.raises(Stop):
+        bench.stack(bench.BASE_DIR, None, ["Vela Moreau", "circle", "Otto Kerr"], False, print, seed=2)
+    assert seen == [(["Vela Moreau"], "uce-tokens-adv", 2), (["circle"], "esd-u-retain", 2)]
