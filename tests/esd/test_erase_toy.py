@@ -15,7 +15,7 @@ from flows.gate import verdict
 from tests.conftest import SHORT_ERASE
 
 # A reduced budget: 6 DDIM steps per judged image (the benchmark uses 20; the base is judged at 96.6-99.6% per
-# head at 6 steps), and the style default's inversion at the tests' SHORT_ERASE.
+# head at 6 steps), and the style default's inversion and the object default's iterations at the tests' SHORT_ERASE.
 STEPS = 6
 
 
