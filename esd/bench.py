@@ -228,7 +228,8 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, c
             base = retained(before, head, idx)
             out["untouched"][cls] = retained(judged, head, idx) | {"images": len(idx), "base_ira": base["ira"],
                                                                    "base_cra": base["cra"]}
-    out["min_erased_ua"] = min(v["ua"] for v in out["erased"].values())
+    out["lowest_erased"] = min(out["erased"], key=lambda c: out["erased"][c]["ua"])
+    out["min_erased_ua"] = out["erased"][out["lowest_erased"]]["ua"]
     concepts = {c: v for c, v in out["untouched"].items() if c != "plain"}
     out["lowest_untouched"] = min(concepts, key=lambda c: concepts[c]["ira"])
     out["min_untouched_ira"] = concepts[out["lowest_untouched"]]["ira"]

@@ -261,7 +261,7 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         low = st["lowest_untouched"]
         plain = st["untouched"].get("plain")
         console.print(f"stacked {' then '.join(st['order'])} (erasure seed {st.get('seed', 0)}): lowest erased UA "
-                      f"{st['min_erased_ua']:.1%} ({min(st['erased'], key=lambda c: st['erased'][c]['ua'])}), lowest "
+                      f"{st['min_erased_ua']:.1%} ({st['lowest_erased']}), lowest "
                       f"untouched IRA {st['min_untouched_ira']:.1%} ({low}; the base: "
                       f"{st['untouched'][low]['base_ira']:.1%} of the same {st['untouched'][low]['images']} images), "
                       f"CRA {st['min_untouched_cra']:.1%}"

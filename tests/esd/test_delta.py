@@ -147,10 +147,11 @@ def test_a_trained_erasure_with_other_settings_on_a_lineage_is_trained_alone_and
     trained again as it was made, so the new erasure is trained from the base alone and the parent's change added."""
     base = {k: v.clone() for k, v in load_pipeline(tiny_sd).unet.state_dict().items()}
     first = erase(load_pipeline(tiny_sd), cfg("circle", "esd-u"), progress=False)
-    other = EraseConfig(["square"], method="esd-u", iterations=2, ddim_steps=3, lr=1e-3, eta=2.0)
-    alone = erase(load_pipeline(tiny_sd), other, progress=False)
-    other = EraseConfig(["square"], method="esd-u", iterations=2, ddim_steps=3, lr=1e-3, eta=2.0)
-    second = erase(load_pipeline(tiny_sd), other, parent=first, progress=False)
+    def other():
+        return EraseConfig(["square"], method="esd-u", iterations=2, ddim_steps=3, lr=1e-3, eta=2.0)
+
+    alone = erase(load_pipeline(tiny_sd), other(), progress=False)
+    second = erase(load_pipeline(tiny_sd), other(), parent=first, progress=False)
     assert "trained_with" not in second.manifest["erasures"][-1]
     for name, value in second.tensors.items():
         torch.testing.assert_close(value, alone.tensors[name] + first.tensors[name] - base[name])
