@@ -435,20 +435,29 @@ def _start(s: Settings, svc: Service, timeout: float) -> int:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=svc.cwd(s), start_new_session=True, umask=0o077)
     write_private(_pid_file(s, svc.name), json.dumps({"pid": proc.pid, "argv": argv}))
-    _wait_healthy(s, svc, timeout)
+    if not _wait_healthy(s, svc, timeout):
+        _did_not_start(s, svc)
     svc.ready(s)
     return proc.pid
 
 
-def _wait_healthy(s: Settings, svc: Service, timeout: float) -> None:
+def _wait_healthy(s: Settings, svc: Service, timeout: float) -> bool:
+    """Wait until SVC answers (True) or its process is gone (False); past TIMEOUT, stop it and raise."""
     deadline = time.monotonic() + timeout
     while not svc.healthy(s):
-        if running_pid(s, svc.name) is None or time.monotonic() > deadline:
-            _stop(s, svc)
-            log_path = s.home / "logs" / f"{svc.name}.log"
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
-            raise StackError(f"{svc.name} did not start at {svc.address(s)} (log {log_path}): {tail[0][:300]}")
+        if running_pid(s, svc.name) is None:
+            return False
+        if time.monotonic() > deadline:
+            _did_not_start(s, svc)
         time.sleep(0.5)
+    return True
+
+
+def _did_not_start(s: Settings, svc: Service) -> None:
+    _stop(s, svc)
+    log_path = s.home / "logs" / f"{svc.name}.log"
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+    raise StackError(f"{svc.name} did not start at {svc.address(s)} (log {log_path}): {tail[0][:300]}")
 
 
 def _stop(s: Settings, svc: Service, timeout: float = 30) -> bool:
@@ -500,14 +509,15 @@ def up(s: Settings, only: tuple[str, ...] | None = None, timeout: float = 180) -
             if svc.external and not svc.healthy(s):
                 raise StackError(f"{svc.name} at {svc.address(s)} (from settings) is not answering")
             continue
-        if running_pid(s, svc.name) is None:
-            if svc.health is None and svc.healthy(s):
-                raise StackError(f"{svc.address(s)} is already taken by a {svc.name} this stack did not start; "
-                                 f"stop it or choose other ports (ESD_* settings)")
-            _start(s, svc, timeout)
-        else:
-            _wait_healthy(s, svc, timeout)
+        # A server killed a moment ago can still look alive for an instant: if it is gone by the time it should
+        # answer, it is started again like one that was not running.
+        if running_pid(s, svc.name) is not None and _wait_healthy(s, svc, timeout):
             svc.ready(s)
+            continue
+        if svc.health is None and svc.healthy(s):
+            raise StackError(f"{svc.address(s)} is already taken by a {svc.name} this stack did not start; "
+                             f"stop it or choose other ports (ESD_* settings)")
+        _start(s, svc, timeout)
     return status(s, only)
 
 
