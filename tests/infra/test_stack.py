@@ -48,14 +48,15 @@ def test_up_status_down_restart_keeps_data(tmp_path):
         assert not any(r.up or r.pid for r in stack.status(s))
         assert stack.down(s) == []
 
+        stack.up(s, ("seaweedfs",))
         # MLflow killed a moment ago: its recorded PID still runs our command for an instant, then is gone
-        argv = [sys.executable, "-c", "import time; time.sleep(1)"]
+        argv = [sys.executable, "-c", "import time; time.sleep(2)"]
         dying = subprocess.Popen(argv)
         (tmp_path / "run" / "mlflow.pid").write_text(json.dumps({"pid": dying.pid, "argv": argv}))
         while not Path(f"/proc/{dying.pid}/cmdline").read_bytes():
             time.sleep(0.05)
         assert stack.running_pid(s, "mlflow") == dying.pid
-        stack.up(s, stack.REGISTRY)                           # started again, not reported as failed
+        stack.up(s, ("mlflow",))                              # started again, not reported as failed
         assert dying.wait() == 0 and stack.running_pid(s, "mlflow") not in (None, dying.pid)
         assert s.s3_client().get_object(Bucket=s.s3_bucket, Key="kept")["Body"].read() == b"across restarts"
         assert MlflowClient(s.tracking_uri).get_experiment_by_name("kept") is not None
