@@ -257,10 +257,10 @@ def bench_quality(as_json: bool = typer.Option(False, "--json", help="print one 
         console.print(table)
     if "reference_erase_seconds" in result:
         console.print(f"reference-mode esd-x erasure of one artist, same run: {result['reference_erase_seconds']:.0f}s")
-    for st in result.get("stacked_seeds") or ([result["stacked"]] if result.get("stacked") else []):
+    for st in result.get("stacked_seeds", []):
         low = st["lowest_untouched"]
         plain = st["untouched"].get("plain")
-        console.print(f"stacked {' then '.join(st['order'])} (erasure seed {st.get('seed', 0)}): lowest erased UA "
+        console.print(f"stacked {' then '.join(st['order'])} (erasure seed {st['seed']}): lowest erased UA "
                       f"{st['min_erased_ua']:.1%} ({st['lowest_erased']}), lowest "
                       f"untouched IRA {st['min_untouched_ira']:.1%} ({low}; the base: "
                       f"{st['untouched'][low]['base_ira']:.1%} of the same {st['untouched'][low]['images']} images), "

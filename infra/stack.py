@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from infra import prefect_server
 from infra.env import QUIET_ENV
@@ -453,7 +453,7 @@ def _wait_healthy(s: Settings, svc: Service, timeout: float) -> bool:
     return True
 
 
-def _did_not_start(s: Settings, svc: Service) -> None:
+def _did_not_start(s: Settings, svc: Service) -> NoReturn:
     _stop(s, svc)
     log_path = s.home / "logs" / f"{svc.name}.log"
     tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
