@@ -46,7 +46,7 @@ CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 
                         "rounds": 0, "robust_reg": 0.1, "attack_rounds": 0, "attack_steps": 60, "attack_scale": 1.0}
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "batch", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
-            "gradient_checkpointing")
+            "gradient_checkpointing", "retain_mix")
 CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg", "attack_rounds", "attack_steps",
                     "attack_scale", "soft_tokens")
 # Recorded by an erasure for its lineage to solve it again (the soft tokens its adversarial rounds learned), not asked
@@ -106,6 +106,8 @@ class EraseConfig:
     preserve: list[str] | None = None    # concepts that must not move (closed form: their keys and values; ESD: their
                                          # predictions, a retain loss)
     preserve_scale: float | None = None  # how strongly the preserve prompts are held
+    retain_mix: float | None = None      # ESD: each held preserve prompt's conditioning mixed with another's (or the
+                                         # empty prompt's) by a share drawn up to this; 0: held as written
     # Closed-form methods only (uce, uce-robust); None: the base's default for the method, else CLOSED_FORM_DEFAULTS
     align: str | None = None             # "final": UCE's tokens (final word on); "concept": the concept's own too
     erase_scale: float | None = None
@@ -243,6 +245,9 @@ class EraseConfig:
         if self.preserve_scale is not None and not (isinstance(self.preserve_scale, (int, float))
                                                     and math.isfinite(self.preserve_scale) and self.preserve_scale >= 0):
             raise EraseError(f"preserve_scale must be a finite number >= 0, got {self.preserve_scale}")
+        if self.retain_mix is not None and not (isinstance(self.retain_mix, (int, float))
+                                                and math.isfinite(self.retain_mix) and 0 <= self.retain_mix <= 1):
+            raise EraseError(f"retain_mix must be a number from 0 to 1, got {self.retain_mix}")
         if self.kind == "esd":
             return
         for name in ("erase_scale", "push", "attack_scale"):
@@ -271,7 +276,7 @@ class EraseConfig:
         """The settings this run's method uses (the manifest's hyperparameters)."""
         skip = {"concepts"} | set({"esd": CLOSED_FORM_ONLY, "closed-form": ESD_ONLY}.get(self.kind, ()))
         if self.kind == "esd" and not self.prompted:
-            skip |= set(PROMPT_SETTINGS)
+            skip |= set(PROMPT_SETTINGS) | {"retain_mix"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -385,7 +390,7 @@ def trained_again(parent: delta_lib.Delta | None, cfg: EraseConfig, params: list
     concepts = {normal_concept(c) for e in entries for c in e["concepts"]} | {normal_concept(c) for c in cfg.concepts}
 
     def settings(hp: dict) -> str:
-        kept = {k: v for k, v in hp.items() if k not in OWN_SETTINGS}
+        kept = {k: v for k, v in hp.items() if k not in OWN_SETTINGS and v is not None}   # unset as never recorded
         preserve = sorted({normal_concept(p) for p in hp.get("preserve") or []} - concepts)
         return json.dumps(kept | {"preserve": preserve}, sort_keys=True, default=str)
 
@@ -548,6 +553,21 @@ class Eraser:
                 x = ddim_step(x, eps, t, t_prev, self.alphas)
         return x
 
+    def _mixed(self, emb_k: Cond, emb_0: Cond) -> Cond:
+        """The preserve prompts' conditionings, each moved toward another preserve prompt's or the empty prompt's by
+        a share drawn uniformly up to retain_mix: the retain loss holds the space between the prompts it names, where
+        a concept no preservation set names may lie, not only the prompts themselves."""
+        n = len(emb_k)
+        partners = [self.keep[self._pick(len(self.keep))] for _ in range(n)]
+        partners = Cond.cat([emb_0 if self._pick(len(self.keep) + 1) == 0 else c for c in self._conds(partners)])
+        share = torch.rand(n, generator=self.gen).to(self.device) * self.cfg.retain_mix
+
+        def mix(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else torch.lerp(a, b, share.view(-1, *[1] * (a.dim() - 1)).to(a.dtype))
+
+        return Cond(mix(emb_k.hidden, partners.hidden), mix(emb_k.pooled, partners.pooled),
+                    mix(emb_k.time_ids, partners.time_ids))
+
     def _pick(self, n: int) -> int:
         return int(torch.randint(n, (1,), generator=self.gen))
 
@@ -567,6 +587,8 @@ class Eraser:
         emb_0, emb_c = conds[0], Cond.cat(conds[1:n + 1])
         emb_r = Cond.cat(conds[n + 1:2 * n + 1]) if references else None
         emb_k = Cond.cat(conds[-n:]) if kept else None
+        if emb_k is not None and cfg.retain_mix:
+            emb_k = self._mixed(emb_k, emb_0)
 
         # Sample x_t with the model being trained, guided by the concept
         x = self._sample_x_t(emb_c, emb_0, stop)

@@ -33,8 +33,10 @@ ESD_DEFAULTS = {
 }
 ESD_RETAIN = {"iterations": 150, "lr": 6e-5, "eta": 3.0, "sample_steps": 4, "preserve_scale": 3.0}
 # esd-u-retain on an object request (the shapes' default): four draws per step at one timestep, pushed at eta 2, x_t in
-# two DDIM jumps. One draw per step at eta 3 took the shape at some erasure seeds and not at others (README).
-OBJECT_RETAIN = {"batch": 4, "eta": 2.0, "sample_steps": 2}
+# two DDIM jumps. One draw per step at eta 3 took the shape at some erasure seeds and not at others (README). Its retain
+# loss holds points up to halfway from each preserve prompt to another (or to the empty prompt): held at the prompts
+# alone, a lineage's shape erasures and artists' edits together lost a held-out look-alike artist (README, Stacking).
+OBJECT_RETAIN = {"batch": 4, "eta": 2.0, "sample_steps": 2, "retain_mix": 0.5}
 # uce-tokens-esd's trained part: a short, gentle esd-u-retain, one draw per step (its other settings as above); the
 # rest is uce-tokens'
 COMBINED = {"iterations": 30, "eta": 1.0, "batch": 1, "sample_steps": 4}

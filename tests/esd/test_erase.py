@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 from esd import methods
 from esd.cli import app
 from esd.erase import EraseConfig, EraseError, Eraser, erase, esd_target
-from esd.models import load_pipeline
+from esd.models import Cond, load_pipeline
 
 
 def test_target_formula_against_hand_computed_values():
@@ -123,6 +123,34 @@ def test_a_batched_step_draws_its_prompts_and_noise_per_draw_at_one_timestep(tin
     assert a.manifest["tensors_sha256"] != one.manifest["tensors_sha256"]
 
 
+def test_retain_mix_holds_points_between_the_preserve_prompts_and_is_recorded(tiny_sd):
+    """retain_mix: each held conditioning lies on the segment from its preserve prompt toward another preserve prompt
+    or the empty prompt, at most retain_mix of the way; the run records it and differs from one without."""
+    eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(batch=8, retain_mix=0.5, **RETAIN))
+    held = {p: eraser.embeddings[p].hidden[0] for p in eraser.keep + [""]}
+    kept = eraser.keep[1]
+    emb_0 = eraser.embeddings[""]
+    mixed = eraser._mixed(Cond.cat([eraser.embeddings[kept]] * 8), emb_0).hidden
+    a, moved = held[kept], 0
+    for row in mixed:
+        fits = []
+        for partner, b in held.items():
+            if partner == kept:
+                continue
+            w = ((row - a) * (b - a)).sum() / (b - a).pow(2).sum()
+            if torch.allclose(a + w * (b - a), row, atol=1e-5):
+                fits.append(float(w))
+        assert fits and all(0 <= w <= 0.5 + 1e-6 for w in fits), fits
+        moved += not torch.allclose(row, a)
+    assert moved >= 6
+    a = erase(load_pipeline(tiny_sd), tiny_cfg(retain_mix=0.5, **RETAIN), progress=False)
+    b = erase(load_pipeline(tiny_sd), tiny_cfg(retain_mix=0.5, **RETAIN), progress=False)
+    plain = erase(load_pipeline(tiny_sd), tiny_cfg(**RETAIN), progress=False)
+    assert a.manifest["hyperparameters"]["retain_mix"] == 0.5
+    assert a.manifest["tensors_sha256"] == b.manifest["tensors_sha256"] != plain.manifest["tensors_sha256"]
+    assert "retain_mix" not in erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False).manifest["hyperparameters"]
+
+
 def test_fast_mode_holds_no_second_unet(tiny_sd):
     pipe = load_pipeline(tiny_sd)
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
@@ -149,6 +177,9 @@ def test_fast_mode_holds_no_second_unet(tiny_sd):
     (dict(batch=0), "batch must be a positive integer"),
     (dict(batch=2.5), "batch must be a positive integer"),
     (dict(batch=65), "batch is 65; the limit is 64"),
+    (dict(retain_mix=1.5), "retain_mix must be a number from 0 to 1"),
+    (dict(retain_mix=-0.1), "retain_mix must be a number from 0 to 1"),
+    (dict(retain_mix=float("nan")), "retain_mix must be a number from 0 to 1"),
 ])
 def test_bad_input_is_refused(kw, message):
     with pytest.raises((EraseError, ValueError), match=message):
