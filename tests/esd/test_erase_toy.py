@@ -15,8 +15,10 @@ from flows.gate import verdict
 from tests.conftest import SHORT_ERASE
 
 # A reduced budget: 6 DDIM steps per judged image (the benchmark uses 20; the base is judged at 96.6-99.6% per
-# head at 6 steps), and the style default's inversion and the object default's iterations at the tests' SHORT_ERASE.
+# head at 6 steps), and the style default's inversion at the tests' SHORT_ERASE. The object default runs its own
+# iterations: its retain loss holds the space between its preserve prompts, and at half of them circle is not gone.
 STEPS = 6
+BUDGET = {m: v for m, v in SHORT_ERASE.items() if m != "esd-u-retain"}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,9 @@ def base_judged(judge, tmp_path_factory):
 
 
 def default_config(concept: str, kind: str) -> EraseConfig:
-    """The kind's default method on the concept, at the tests' reduced budget (SHORT_ERASE) where it has one."""
+    """The kind's default method on the concept, at the tests' reduced budget (BUDGET) where it has one."""
     method = DEFAULT_BY_KIND[kind]
-    return EraseConfig([concept], method=method, concept_kind=kind, **SHORT_ERASE.get(method, {}))
+    return EraseConfig([concept], method=method, concept_kind=kind, **BUDGET.get(method, {}))
 
 
 def erased_by_default(concept: str, kind: str, parent=None):
@@ -71,7 +73,8 @@ def test_the_object_default_erases_circle_and_keeps_the_other_shapes_colors_and_
     pipe, _ = circle_erased
     erased = toy_eval.judge_model(pipe, judge, steps=STEPS)
     cmp = toy_eval.compare(base_judged, erased, "circle")
-    assert cmp["target_base"] - cmp["target_erased"] >= 0.90
+    # at most one image in ten still a circle, at the tests' 6 judging steps (the benchmark's 20: UA 97-100%)
+    assert cmp["target_base"] >= 0.90 and cmp["target_erased"] <= 0.10, cmp
     after = toy_eval.unlearning(erased, "circle")
     # the held-out shapes (cross, diamond, heart: never in the method's preservation set) are kept
     assert after["ira"] >= 0.85 and after["cra"] >= 0.90, after
