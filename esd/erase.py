@@ -66,6 +66,11 @@ class EraseError(ValueError):
     """Bad erasure input; the message names the problem in one line."""
 
 
+def _finite(value) -> bool:
+    """Whether a setting's value is a finite number (an int or a float)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def validate_concept(text: str, what: str = "concept") -> str:
     """A concept is 1..200 printable characters; returns it stripped."""
     if not isinstance(text, str) or not text.strip():
@@ -242,21 +247,19 @@ class EraseConfig:
                     raise EraseError(f"preserve contains {p!r}, a concept being erased")
         if self.align is not None and self.align not in ("final", "concept"):
             raise EraseError(f"unknown align {self.align!r}; choose final or concept")
-        if self.preserve_scale is not None and not (isinstance(self.preserve_scale, (int, float))
-                                                    and math.isfinite(self.preserve_scale) and self.preserve_scale >= 0):
+        if self.preserve_scale is not None and not (_finite(self.preserve_scale) and self.preserve_scale >= 0):
             raise EraseError(f"preserve_scale must be a finite number >= 0, got {self.preserve_scale}")
-        if self.retain_mix is not None and not (isinstance(self.retain_mix, (int, float))
-                                                and math.isfinite(self.retain_mix) and 0 <= self.retain_mix <= 1):
+        if self.retain_mix is not None and not (_finite(self.retain_mix) and 0 <= self.retain_mix <= 1):
             raise EraseError(f"retain_mix must be a number from 0 to 1, got {self.retain_mix}")
         if self.kind == "esd":
             return
         for name in ("erase_scale", "push", "attack_scale"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if value is not None and not (_finite(value) and value >= 0):
                 raise EraseError(f"{name} must be a finite number >= 0, got {value}")
         for name in ("lamb", "robust_reg"):   # > 0: each keeps its solve's matrix invertible
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if value is not None and not (_finite(value) and value > 0):
                 raise EraseError(f"{name} must be a finite number > 0, got {value}")
         for name, least, most in (("rounds", 0, MAX_ROUNDS), ("attack_rounds", 0, MAX_ROUNDS),
                                   ("attack_steps", 1, MAX_ATTACK_STEPS)):
@@ -268,7 +271,7 @@ class EraseConfig:
             named = {normal_concept(c) for c in self.concepts}
             if not (isinstance(self.soft_tokens, dict) and all(
                     isinstance(c, str) and normal_concept(c) in named and isinstance(vs, list) and all(
-                        isinstance(v, list) and v and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                        isinstance(v, list) and v and all(_finite(x) for x in v)
                         for v in vs) for c, vs in self.soft_tokens.items())):
                 raise EraseError("soft_tokens must map each erased concept to embeddings, lists of finite numbers")
 
