@@ -159,7 +159,7 @@ class EraseConfig:
                 raise EraseError(f"{name} is {value}; the limit is {most}")
         for name in ("eta", "lr"):
             value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value <= 0):
+            if value is not None and not (_finite(value) and value > 0):
                 raise EraseError(f"{name} must be > 0, got {value}")
         if self.guidance < 0:
             raise EraseError(f"guidance must be >= 0, got {self.guidance}")

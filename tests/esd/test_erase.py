@@ -170,6 +170,8 @@ def test_fast_mode_holds_no_second_unet(tiny_sd):
     (dict(iterations=0), "iterations must be a positive integer"),
     (dict(eta=0.0), "eta must be > 0"),
     (dict(eta=-1.0), "eta must be > 0"),
+    (dict(eta="3"), "eta must be > 0"),
+    (dict(lr=float("inf")), "lr must be > 0"),
     (dict(concepts=[]), "no concept"),
     (dict(iterations=10 ** 9), "iterations is 1000000000; the limit is 100000"),
     (dict(iterations=True), "iterations must be a positive integer"),
