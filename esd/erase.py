@@ -151,22 +151,21 @@ class EraseConfig:
             self.anchor = validate_concept(self.anchor, "anchor")
         methods.get(self.method)
         self._validate_settings()
-        for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS), ("batch", MAX_BATCH)):
+        for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS), ("batch", MAX_BATCH),
+                           ("sample_steps", None)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise EraseError(f"{name} must be a positive integer, got {value}")
-            if value is not None and value > most:
+            if value is not None and most is not None and value > most:
                 raise EraseError(f"{name} is {value}; the limit is {most}")
         for name in ("eta", "lr"):
             value = getattr(self, name)
             if value is not None and not (_finite(value) and value > 0):
                 raise EraseError(f"{name} must be > 0, got {value}")
-        if self.guidance < 0:
+        if not (_finite(self.guidance) and self.guidance >= 0):
             raise EraseError(f"guidance must be >= 0, got {self.guidance}")
         if self.mode not in ("fast", "reference"):
             raise EraseError(f"unknown mode {self.mode!r}; choose fast or reference")
-        if self.sample_steps is not None and self.sample_steps <= 0:
-            raise EraseError(f"sample_steps must be a positive integer, got {self.sample_steps}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise EraseError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
         return self
