@@ -132,6 +132,7 @@ def test_flow_run_cancelled_mid_erasure(platform, ledger):
     with prefect_api(platform.settings.prefect_api), get_client(sync_client=True) as client:
         client.set_flow_run_state(frid, Cancelling(), force=True)
     wait_for(lambda: flow_state(platform, frid).is_final(), timeout=120)
+    assert flow_state(platform, frid).is_cancelled(), flow_state(platform, frid)
     assert wait_for(lambda: settled(platform, rid), timeout=30) == "failed"
     assert "cancelled" in platform.requests.require(rid).reason
     clean(ledger.record("flow run cancelled mid-erasure", audit(platform, model, [rid])))

@@ -185,6 +185,37 @@ def test_an_operator_flow_records_itself_not_a_name_passed_in(platform):
     assert last["reason"] == "flow:withdraw: duplicate of an earlier request", last
 
 
+def test_a_run_being_cancelled_ends_as_cancelled_whatever_a_library_raised(platform):
+    """A library that turns the cancellation's TerminationSignal into an error of its own, the cause lost
+    (safetensors under diffusers' "Unable to load weights"): while Prefect holds the run as cancelling, the takedown
+    ends on a TerminationSignal (its request reads as terminated); otherwise on the error itself."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import TerminationSignal
+    from prefect.runtime import flow_run
+    from prefect.states import Cancelling, Running
+
+    from flows.deploy import prefect_api
+    from flows.takedown import ended_by
+
+    wrapped = OSError("Unable to load weights from checkpoint file for 'unet/x.safetensors'")
+
+    @flow(name="cancelling-probe")
+    def probe(cancel: bool) -> str:
+        with get_client(sync_client=True) as client:
+            if cancel:
+                client.set_flow_run_state(flow_run.get_id(), Cancelling(), force=True)
+            ended = ended_by(wrapped)
+            client.set_flow_run_state(flow_run.get_id(), Running(), force=True)
+        return type(ended).__name__
+
+    with prefect_api(platform.settings.prefect_api):
+        assert probe(False) == "OSError"
+        assert probe(True) == "TerminationSignal"
+    signal = TerminationSignal(signal=15)
+    assert ended_by(signal) is signal and ended_by(wrapped) is wrapped          # outside a flow run: as raised
+
+
 def test_the_reaper_fails_requests_whose_run_is_dead(platform, vela):
     from flows.requests import Request
 

@@ -104,40 +104,6 @@ def test_a_cancellation_wrapped_by_a_library_still_reads_as_a_termination(platfo
     assert reqs.require(other.request_id).reason == "Failed to import x"
 
 
-def test_a_termination_a_library_swallowed_is_still_noted():
-    """safetensors turns the TerminationSignal that Prefect's SIGTERM handler raises inside it into an error of its
-    own, the cause lost: the takedown's watch has the signal all the same, the handler it wraps still ran, and it
-    is put back after."""
-    import os
-    import signal
-    import time
-
-    from prefect.exceptions import TerminationSignal
-
-    from flows.takedown import termination_noted
-
-    def prefects(signum, frame):
-        raise TerminationSignal(signal=signum)
-
-    before = signal.signal(signal.SIGTERM, prefects)
-    try:
-        with termination_noted() as terminated:
-            assert terminated == []
-            raised = None
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(50):
-                    time.sleep(0.1)
-            except TerminationSignal as exc:
-                raised = exc                # dropped here, as the library drops it
-            assert raised is not None and terminated == [signal.SIGTERM]
-        assert signal.getsignal(signal.SIGTERM) is prefects
-        with termination_noted() as again:
-            assert again == []
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
 @pytest.fixture
 def line(platform, tiny_sd, tmp_path):
     """A model with v1 = tiny base (production) and v2 = an erasure serving one candidate request."""
