@@ -59,8 +59,7 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
             key = f"takedown-{request_id}"
             delta_dir = erase_concepts(key, req["model"], parent["version"], [req["concept"]], req["method"],
                                        [request_id], settings)
-            report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"],
-                                        req["kind"])
+            report = evaluate_candidate(key, req["model"], delta_dir, [req["concept"]], parent["erased"], req["kind"])
             version = register_candidate(req["model"], delta_dir, [request_id], report, req["run_id"])
             verdict = apply_gate(report, req["kind"], req["model"], version, [request_id])
             status = "held"
@@ -73,8 +72,8 @@ def takedown(request_id: str, overrides: dict | None = None) -> dict:
                     status = "promoted"
             else:
                 hold([request_id])
-        publish_report(f"Takedown {req['concept']!r} ({req['kind']}, {req['method']})", [request_id],
-                       req["model"], version, report, verdict, status, req["run_id"])
+        publish_report(f"Takedown {req['concept']!r} ({req['kind']}, {req['method']})", [request_id], req["model"],
+                       version, report, verdict, status, req["run_id"])
         return {"request_id": request_id, "model_version": version, "status": status, "verdict": verdict}
     except BaseException as exc:
         stop = ended_by(exc)
