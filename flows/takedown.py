@@ -32,12 +32,13 @@ def ended_by(exc: BaseException) -> BaseException:
     is still reported, and ended, as cancelled."""
     from prefect.client.orchestration import get_client
 
-    if isinstance(exc, TerminationSignal):
+    run_id = flow_run.get_id()
+    if isinstance(exc, TerminationSignal) or run_id is None:       # outside a flow run: the error as raised
         return exc
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run.get_id()).state
-    except Exception:           # outside a flow run, or Prefect unreachable: the error as raised
+            state = client.read_flow_run(run_id).state
+    except Exception:           # Prefect unreachable: the error as raised
         return exc
     if state is not None and (state.is_cancelling() or state.is_cancelled()):
         return TerminationSignal(signal=signal.SIGTERM)
