@@ -46,7 +46,7 @@ CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 
                         "rounds": 0, "robust_reg": 0.1, "attack_rounds": 0, "attack_steps": 60, "attack_scale": 1.0}
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "batch", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
-            "gradient_checkpointing", "retain_mix")
+            "gradient_checkpointing", "retain_mix", "hold_guides")
 CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg", "attack_rounds", "attack_steps",
                     "attack_scale", "soft_tokens")
 # Recorded by an erasure for its lineage to solve it again (the soft tokens its adversarial rounds learned), not asked
@@ -113,6 +113,7 @@ class EraseConfig:
     preserve_scale: float | None = None  # how strongly the preserve prompts are held
     retain_mix: float | None = None      # ESD: each held preserve prompt's conditioning mixed with another's (or the
                                          # empty prompt's) by a share drawn up to this; 0: held as written
+    hold_guides: bool | None = None      # ESD: the guide prompts held by the retain loss too, beside the preserve prompts
     # Closed-form methods only (uce, uce-robust); None: the base's default for the method, else CLOSED_FORM_DEFAULTS
     align: str | None = None             # "final": UCE's tokens (final word on); "concept": the concept's own too
     erase_scale: float | None = None
@@ -250,6 +251,8 @@ class EraseConfig:
             raise EraseError(f"preserve_scale must be a finite number >= 0, got {self.preserve_scale}")
         if self.retain_mix is not None and not (_finite(self.retain_mix) and 0 <= self.retain_mix <= 1):
             raise EraseError(f"retain_mix must be a number from 0 to 1, got {self.retain_mix}")
+        if self.hold_guides is not None and not isinstance(self.hold_guides, bool):
+            raise EraseError(f"hold_guides must be true or false, got {self.hold_guides!r}")
         if self.kind == "esd":
             return
         for name in ("erase_scale", "push", "attack_scale"):
@@ -278,7 +281,7 @@ class EraseConfig:
         """The settings this run's method uses (the manifest's hyperparameters)."""
         skip = {"concepts"} | set({"esd": CLOSED_FORM_ONLY, "closed-form": ESD_ONLY}.get(self.kind, ()))
         if self.kind == "esd" and not self.prompted:
-            skip |= set(PROMPT_SETTINGS) | {"retain_mix"}
+            skip |= set(PROMPT_SETTINGS) | {"retain_mix", "hold_guides"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -488,6 +491,9 @@ class Eraser:
         # A prompted run: the concepts in their templates with their guide prompts, and the preserve prompts
         self.pairs, kept = prompts(self.cfg) if self.cfg.prompted else ([], [])
         self.keep = [p for p, _, _ in kept] if self.cfg.preserve_scale else []
+        if self.keep and self.cfg.hold_guides:
+            # what the concept is pushed toward keeps its own meaning: a generic "a red shape" is not erased with it
+            self.keep = list(dict.fromkeys(self.keep + [g for _, g, _ in self.pairs if g]))
 
         self.unet.train()
         if cfg.mode == "reference":

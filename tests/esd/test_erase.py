@@ -151,6 +151,21 @@ def test_retain_mix_holds_points_between_the_preserve_prompts_and_is_recorded(ti
     assert "retain_mix" not in erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False).manifest["hyperparameters"]
 
 
+def test_hold_guides_holds_the_guide_prompts_beside_the_preserve_prompts_and_is_recorded(tiny_sd):
+    """hold_guides: the retain loss draws the guide prompts ("a red shape") as well as the preserve prompts; the erase
+    prompts are never held; the run records it and differs from one without."""
+    without = Eraser(load_pipeline(tiny_sd), tiny_cfg(**RETAIN))
+    held = Eraser(load_pipeline(tiny_sd), tiny_cfg(hold_guides=True, **RETAIN))
+    assert "a red shape" not in without.keep and "a red shape" in held.keep
+    assert set(without.keep) < set(held.keep)
+    assert not {p for p, _, _ in held.pairs} & set(held.keep)
+    a = erase(load_pipeline(tiny_sd), tiny_cfg(hold_guides=True, **RETAIN), progress=False)
+    plain = erase(load_pipeline(tiny_sd), tiny_cfg(**RETAIN), progress=False)
+    assert a.manifest["hyperparameters"]["hold_guides"] is True
+    assert a.manifest["tensors_sha256"] != plain.manifest["tensors_sha256"]
+    assert "hold_guides" not in erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False).manifest["hyperparameters"]
+
+
 def test_fast_mode_holds_no_second_unet(tiny_sd):
     pipe = load_pipeline(tiny_sd)
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
@@ -185,6 +200,7 @@ def test_fast_mode_holds_no_second_unet(tiny_sd):
     (dict(retain_mix=1.5), "retain_mix must be a number from 0 to 1"),
     (dict(retain_mix=-0.1), "retain_mix must be a number from 0 to 1"),
     (dict(retain_mix=float("nan")), "retain_mix must be a number from 0 to 1"),
+    (dict(hold_guides="yes"), "hold_guides must be true or false"),
 ])
 def test_bad_input_is_refused(kw, message):
     with pytest.raises((EraseError, ValueError), match=message):
