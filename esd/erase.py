@@ -44,9 +44,11 @@ PAPER_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "eta": 1.0, "batch": 1}
 # away from the concept, no hardening rounds, and RECE's regulariser (0.1) for the recovered embeddings.
 CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5, "push": 0.0,
                         "rounds": 0, "robust_reg": 0.1, "attack_rounds": 0, "attack_steps": 60, "attack_scale": 1.0}
+# ESD's retain loss, beyond which prompts it holds: used by a prompted run only (esd-u-retain)
+RETAIN_SETTINGS = ("retain_mix", "hold_guides")
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "batch", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
-            "gradient_checkpointing", "retain_mix", "hold_guides")
+            "gradient_checkpointing") + RETAIN_SETTINGS
 CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg", "attack_rounds", "attack_steps",
                     "attack_scale", "soft_tokens")
 # Recorded by an erasure for its lineage to solve it again (the soft tokens its adversarial rounds learned), not asked
@@ -281,7 +283,7 @@ class EraseConfig:
         """The settings this run's method uses (the manifest's hyperparameters)."""
         skip = {"concepts"} | set({"esd": CLOSED_FORM_ONLY, "closed-form": ESD_ONLY}.get(self.kind, ()))
         if self.kind == "esd" and not self.prompted:
-            skip |= set(PROMPT_SETTINGS) | {"retain_mix", "hold_guides"}
+            skip |= set(PROMPT_SETTINGS + RETAIN_SETTINGS)
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
