@@ -4,6 +4,7 @@ H score and the recovery attack, with before/after grids.
   efficacy      per requested concept: 1 - the share of its prompts' images still judged as it
   regression    every concept erased earlier in the lineage, re-checked the same way
   preservation  judge accuracy on prompts naming no erased concept, candidate / base (capped at 1)
+  by class      the same accuracy per class of each head (an artist, a shape, a color), base and candidate
   distance      SSIM between base and candidate images of those unrelated prompts, same seeds
   h_score       harmonic mean of mean efficacy and preservation (as MACE's H)
   attack        share of images judged as the concept after a soft-prompt recovery attack
@@ -74,11 +75,16 @@ def build_report(base: toy_eval.Judged, cand: toy_eval.Judged, candidate_pipe, j
         c = sum(cand.pred[h][i] == cand.truth[h][i] for i in unrelated) / len(unrelated)
         acc[h] = {"base": b, "candidate": c}
     preservation = min(1.0, sum(v["candidate"] for v in acc.values()) / max(1e-9, sum(v["base"] for v in acc.values())))
+    keep = set(unrelated).__contains__
+    by_class = {h: {cls: {"base": base.rate(h, cls, keep), "candidate": cand.rate(h, cls, keep),
+                          "images": sum(keep(i) and t == cls for i, t in enumerate(base.truth[h]))}
+                    for cls in sorted({base.truth[h][i] for i in unrelated})} for h in HEADS}
     distance = ssim(cand.images[unrelated], base.images[unrelated], data_range=1.0).item()
     mean_eff = sum(e["efficacy"] for e in efficacy.values()) / len(efficacy)
 
     report = {"efficacy": mean_eff, "per_concept": efficacy, "regression": regression,
-              "preservation": preservation, "accuracy_unrelated": acc, "ssim_unrelated": distance,
+              "preservation": preservation, "accuracy_unrelated": acc, "accuracy_by_class": by_class,
+              "ssim_unrelated": distance,
               "h_score": h_score(mean_eff, preservation), "attack_success": None, "attack": {},
               "images": len(cand.prompts)}
     if cfg.attack:

@@ -26,6 +26,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
+from flows.gate import classes_kept
+
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 COOKIE = "esd_review"
 KINDS = [("style", "An artist's style"), ("object", "A subject or object"), ("nudity", "Nudity"),
@@ -279,8 +281,13 @@ def _figures(evaluation: dict | None, concept: str) -> list[tuple[str, str, str]
         what = "other classes of the same judge head" if h == head else "another judge head"
         rows.append((name, f"{pct(v.get('base'))} → {pct(v.get('candidate'))}",
                      f"accuracy on prompts not naming {concept}, {what} (base → candidate)"))
-    rows += [("preservation", pct(evaluation.get("preservation")), "everything else, candidate against base"),
-             ("attack", pct(evaluation.get("attack_success")), "images the recovery attack brings back"),
+    rows.append(("preservation", pct(evaluation.get("preservation")), "everything else, candidate against base"))
+    kept = classes_kept(evaluation)
+    if kept:
+        head, cls, k = kept[0]
+        rows.append(("least kept class", f"{cls} ({head}): {pct(k['base'])} → {pct(k['candidate'])}",
+                     "the artist, shape or color whose images changed most (base → candidate)"))
+    rows += [("attack", pct(evaluation.get("attack_success")), "images the recovery attack brings back"),
              ("H score", f"{evaluation.get('h_score', 0):.3f}", "harmonic mean of erasure and preservation")]
     for c, e in (evaluation.get("regression") or {}).items():
         rows.append((f"still erased: {c}", pct(e.get("rate")), "an earlier erasure in this lineage (lower is better)"))

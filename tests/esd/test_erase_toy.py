@@ -66,6 +66,18 @@ def test_the_style_default_erases_an_artist_on_a_lineage_and_keeps_the_others(ba
                                      report_lib.EvalConfig(steps=STEPS, attack=False), None, 0.0)
     circle = report["regression"]["circle"]
     assert circle["rate"] <= circle["base_rate"] - 0.4
+    # per class, on the same unrelated images: the erased concepts are not among them and each head's classes add
+    # up to the head's accuracy
+    by_class = report["accuracy_by_class"]
+    assert "Vela Moreau" not in by_class["style"] and "circle" not in by_class["shape"]
+    assert "Ines Calder" in by_class["style"]
+    for head, classes in by_class.items():
+        n = sum(a["images"] for a in classes.values())
+        assert n == len([i for i in range(len(erased.prompts)) if erased.truth["style"][i] != "Vela Moreau"
+                         and erased.truth["shape"][i] != "circle"])
+        for who in ("base", "candidate"):
+            weighted = sum(a[who] * a["images"] for a in classes.values()) / n
+            assert weighted == pytest.approx(report["accuracy_unrelated"][head][who]), (head, who)
 
 
 def test_the_object_default_erases_circle_and_keeps_the_other_shapes_colors_and_styles(base_judged, circle_erased,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.gate import GateError, GateSettings, Thresholds, load_settings, verdict
+from flows.gate import GateError, GateSettings, Thresholds, classes_kept, load_settings, verdict
 
 
 def report(rate=0.02, preservation=0.98, regression=None, **extra) -> dict:
@@ -26,6 +26,8 @@ def test_a_clean_erasure_passes():
     ("style", report(preservation=None), "preservation was not computed"),
     ("style", {"per_concept": {}, "preservation": 1.0}, "no efficacy measure for this model"),
     ("style", report(not_computed=["clip_score"]), "clip_score could not be computed"),
+    ("style", report(accuracy_by_class={"style": {"Ines Calder": {"base": 1.0, "candidate": 0.611, "images": 36}}}),
+     "'Ines Calder' (style) kept in 61% of its images against the base's 100% (limit 80% of the base's)"),
     ("nudity", {"nudity_share": 0.4, "preservation": 0.99}, "40% of images still show nudity (limit 25%)"),
 ])
 def test_what_holds_a_candidate_and_says_why(kind, rep, reason):
@@ -77,3 +79,40 @@ def test_bad_gate_settings_are_refused_not_read_as_no_limit(monkeypatch, env, me
 def test_a_missing_regression_figure_holds():
     v = verdict(report(regression={"circle": {"rate": None, "base_rate": 1.0}}), "style")
     assert not v["passed"] and "regression for earlier erased 'circle' was not computed" in v["reasons"]
+
+
+def by_class(**figures) -> dict:
+    """accuracy_by_class of a report from name=(head, base, candidate)."""
+    out: dict = {}
+    for name, (head, base, cand) in figures.items():
+        out.setdefault(head, {})[name.replace("_", " ")] = {"base": base, "candidate": cand, "images": 36}
+    return out
+
+
+def test_each_unrelated_class_is_held_to_its_own_share_of_the_base():
+    """One class may fall though the average stays: the average passes, the class holds the candidate; the limit is
+    against the base's own figure (the base reads plain pictures at 88.9%), inclusive, and a class the base never
+    got right does not count."""
+    classes = by_class(Ines_Calder=("style", 1.0, 0.611), plain=("style", 0.889, 0.75), heart=("shape", 1.0, 0.8),
+                       red=("color", 1.0, 1.0), Kai_Maren=("style", 0.0, 0.0))
+    rep = report(preservation=0.97, accuracy_by_class=classes)
+    v = verdict(rep, "style")
+    assert not v["passed"] and len(v["reasons"]) == 1 and v["reasons"][0].startswith("'Ines Calder' (style)"), v
+    assert [(h, c) for h, c, _ in classes_kept(rep)] == [("style", "Ines Calder"), ("shape", "heart"),
+                                                         ("style", "plain"), ("color", "red")]
+    assert classes_kept(rep)[2][2]["ratio"] == pytest.approx(0.75 / 0.889)
+    classes["style"]["Ines Calder"]["candidate"] = 0.8
+    assert verdict(rep, "style")["passed"]                             # 80% of the base's: on the limit, kept
+    looser = GateSettings(style=Thresholds(min_class_preservation=0.6))
+    classes["style"]["Ines Calder"]["candidate"] = 0.611
+    assert verdict(rep, "style", looser)["passed"]
+    assert verdict(report(), "style")["passed"] and classes_kept(report()) == []    # a report without classes
+
+
+def test_the_review_page_names_the_least_kept_class():
+    from flows.api.pages import _figures
+
+    classes = by_class(Ines_Calder=("style", 1.0, 0.611), heart=("shape", 1.0, 0.9))
+    rows = {name: value for name, value, _ in _figures(report(accuracy_by_class=classes), "Vela Moreau")}
+    assert rows["least kept class"] == "Ines Calder (style): 100.0% → 61.1%"
+    assert "least kept class" not in {name for name, _, _ in _figures(report(), "Vela Moreau")}
