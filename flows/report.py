@@ -9,6 +9,7 @@ from urllib.parse import quote
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.gate import classes_kept
 from flows.platform import Platform
 from flows.tasks import metrics
 
@@ -30,6 +31,10 @@ def markdown(title: str, request_ids: list[str], model: str, version: int, repor
         lines.append(f"| {k} | {v:.3f} |")
     for missing in report.get("not_computed", []):
         lines.append(f"| {missing} | not computed |")
+    if kept := classes_kept(report):
+        head, cls, k = kept[0]
+        lines += ["", f"Least kept class: {cls} ({head}), {k['base']:.0%} of its images judged right on the base, "
+                      f"{k['candidate']:.0%} on the candidate."]
     for concept, path in (report.get("grids") or {}).items():
         lines += ["", f"## {concept}: before (base) | after (candidate)"]
         if (inline := inline_png(Path(path))) is not None:

@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import promotion
 from flows.deploy import gpu_slot
-from flows.gate import GateError, load_settings, verdict as gate_verdict
+from flows.gate import GateError, classes_kept, load_settings, verdict as gate_verdict
 from flows.platform import Platform
 from flows.requests import RequestError
 
@@ -166,6 +166,8 @@ def metrics(report: dict) -> dict[str, float]:
     for c, e in (report.get("regression") or {}).items():
         if e.get("rate") is not None:
             m[f"regression.{c}"[:250]] = float(e["rate"])
+    if kept := classes_kept(report):
+        m["class_kept_min"] = kept[0][2]["ratio"]
     return {k.replace(" ", "_"): v for k, v in m.items()}
 
 

@@ -116,3 +116,15 @@ def test_the_review_page_names_the_least_kept_class():
     rows = {name: value for name, value, _ in _figures(report(accuracy_by_class=classes), "Vela Moreau")}
     assert rows["least kept class"] == "Ines Calder (style): 100.0% → 61.1%"
     assert "least kept class" not in {name for name, _, _ in _figures(report(), "Vela Moreau")}
+
+
+def test_the_least_kept_class_goes_to_mlflow_and_the_prefect_report():
+    from flows.report import markdown
+    from flows.tasks import metrics
+
+    rep = report(accuracy_by_class=by_class(Ines_Calder=("style", 1.0, 0.611), heart=("shape", 1.0, 0.9)))
+    assert metrics(rep)["class_kept_min"] == pytest.approx(0.611)
+    assert "class_kept_min" not in metrics(report())
+    md = markdown("t", ["r"], "m", 2, rep, verdict(rep, "style"), "candidate", {})
+    assert "Least kept class: Ines Calder (style), 100% of its images judged right on the base, 61% on the " \
+           "candidate." in md and "| class_kept_min | 0.611 |" in md
