@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from esd import arch_names
 from infra.errors import errors_as_one_line, fail, first_line
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Erase concepts from Stable Diffusion models.")
@@ -99,10 +100,7 @@ def toy_build(out: Optional[Path] = typer.Option(None, help="output folder: base
     console.print(f"built in {info['seconds']:.0f}s: {out / 'base'} and {out / 'judge'}")
 
 
-class TinyArch(str, Enum):
-    sd15 = "sd15"
-    sd21_v = "sd21-v"
-    sdxl = "sdxl"
+TinyArch = arch_names.choices("TinyArch", arch_names.TINY)
 
 
 @toy_app.command("tiny")

@@ -34,9 +34,10 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from esd import arch_names
 from infra.errors import first_line
 
-ARCHS = ("sd15", "sd21", "sd21-v", "sdxl")
+ARCHS = arch_names.SINGLE_FILE
 ARCH_DIR = Path(__file__).with_name("archs")
 # OpenAI CLIP's byte-pair merges (MIT License, Copyright (c) 2021 OpenAI), the file its reference tokenizer reads,
 # as distributed in the clip-anytorch wheel; the vocabulary of SD 1.x, SD 2.x and both SDXL tokenizers.
@@ -299,14 +300,21 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
             f.write(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _known(arch: str) -> str:
+    try:
+        return arch_names.known(arch, ARCHS)
+    except ValueError as exc:
+        raise SingleFileError(str(exc)) from None
+
+
 def export(folder: Path, out: Path, arch: str | None = None) -> str:
     """Write the diffusers folder FOLDER as one safetensors file OUT in the original layout, its configs in the
     file's metadata; returns the file's sha256. ARCH, when given, must be what the folder is."""
     from esd.delta import file_sha256
 
     folder, out = Path(folder), Path(out)
-    if arch is not None and arch not in ARCHS:
-        raise SingleFileError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch is not None:
+        _known(arch)
     found = infer_arch(folder)
     if arch is not None and arch != found:
         raise SingleFileError(f"{folder} is an {found} model, not {arch}")
@@ -351,8 +359,7 @@ def clip_vocabulary() -> tuple[dict[str, int], list[str]]:
 
 def arch_config(arch: str, dest: Path) -> Path:
     """Write the shipped configs of ARCH into DEST, with vocab.json and merges.txt in each tokenizer folder."""
-    if arch not in ARCHS:
-        raise SingleFileError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    _known(arch)
     shutil.copytree(ARCH_DIR / arch, dest, dirs_exist_ok=True)
     vocab, merges = clip_vocabulary()
     for tok in sorted(dest.glob("tokenizer*")):
@@ -447,8 +454,8 @@ def to_diffusers(file: Path, out: Path, arch: str | None = None) -> Path:
     file, out = Path(file), Path(out)
     if not file.is_file():
         raise SingleFileError(f"checkpoint file not found: {file}")
-    if arch is not None and arch not in ARCHS:
-        raise SingleFileError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch is not None:
+        _known(arch)
     header = _header(file)
     family = _family(header)
     if family is None or not any(k.startswith(UNET) for k in header) or not any(k.startswith(VAE) for k in header):

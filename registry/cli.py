@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import typer
 
+from esd import arch_names
 from infra.errors import errors_as_one_line, fail
 
 AS_JSON = typer.Option(False, "--json", help="print JSON")
@@ -32,12 +33,7 @@ class Format(str, Enum):
     single_file = "single-file"
 
 
-class Arch(str, Enum):
-    """The architectures a single-file checkpoint can be read as (esd.single_file.ARCHS)."""
-    sd15 = "sd15"
-    sd21 = "sd21"
-    sd21_v = "sd21-v"
-    sdxl = "sdxl"
+Arch = arch_names.choices("Arch", arch_names.SINGLE_FILE)
 
 
 def registry_errors() -> tuple[type[BaseException], ...]:

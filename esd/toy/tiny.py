@@ -14,7 +14,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-ARCHS = ("sd15", "sd21-v", "sdxl")
+from esd import arch_names
+
+ARCHS = arch_names.TINY
 
 
 def build(out: Path, arch: str = "sd15", seed: int = 0, dtype=None) -> Path:
@@ -27,8 +29,7 @@ def build(out: Path, arch: str = "sd15", seed: int = 0, dtype=None) -> Path:
     from esd import models  # noqa: F401  (quiet loading and saving: no progress bars of the libraries)
     from esd.toy import vocab
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    arch_names.known(arch, ARCHS)
     sd2, xl = arch == "sd21-v", arch == "sdxl"
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
