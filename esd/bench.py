@@ -210,24 +210,31 @@ def stack(base_dir: Path, judge: Judge, order: list[str], progress: bool, log, c
     judged = toy_eval.judge_model(pipe, judge, seeds_per_prompt=STACK_SEEDS)   # the last version carries them all
     # the base on the same images: what each untouched figure is before any erasure (the judge is not perfect)
     before = judge_base(base_dir, judge, cache_dir, STACK_SEEDS)
-    out = {"order": order, "seed": seed, "seeds_per_prompt": STACK_SEEDS, "erased": {}, "untouched": {}}
+    return {"order": order, "seed": seed, "seeds_per_prompt": STACK_SEEDS} | stack_figures(judged, before, order)
+
+
+def stack_figures(judged: toy_eval.Judged, before: toy_eval.Judged, order: list[str]) -> dict:
+    """A stack's figures from its last version's judged images and the base's on the same prompts and seeds: each
+    erased concept's UA, IRA and CRA; each untouched class (of the style and shape heads, on the images naming no
+    erased concept) its head's accuracy ("ira") and the other heads' ("cra"), beside the base's; the lowest of each."""
+    out = {"erased": {}, "untouched": {}}
     for concept in order:
         r = toy_eval.unlearning(judged, concept)
         out["erased"][concept] = {"ua": r["ua"], "ira": r["ira"], "cra": r["cra"]}
     erased = {toy_eval.concept_attribute(c) for c in order}
-    keep = [i for i in range(len(judged.prompts)) if not any(judged.truth[h][i] == c for h, c in erased)]
+    keep = {i for i in range(len(judged.prompts)) if not any(judged.truth[h][i] == c for h, c in erased)}
 
-    def retained(j: toy_eval.Judged, head: str, idx: list[int]) -> dict:
-        other = [j.pred[h][i] == j.truth[h][i] for h in ("style", "shape", "color") if h != head for i in idx]
-        return {"ira": sum(j.pred[head][i] == j.truth[head][i] for i in idx) / len(idx),
-                "cra": sum(other) / len(other)}
+    def retained(j: toy_eval.Judged, head: str, cls: str) -> dict:
+        named = lambda i: i in keep and j.truth[head][i] == cls  # noqa: E731
+        others = [h for h in toy_eval.HEADS if h != head]
+        return {"ira": j.rate(head, cls, named), "cra": sum(j.accuracy(h, named) for h in others) / len(others)}
 
     for head in ("style", "shape"):
         for cls in sorted({judged.truth[head][i] for i in keep}):
-            idx = [i for i in keep if judged.truth[head][i] == cls]
-            base = retained(before, head, idx)
-            out["untouched"][cls] = retained(judged, head, idx) | {"images": len(idx), "base_ira": base["ira"],
-                                                                   "base_cra": base["cra"]}
+            base = retained(before, head, cls)
+            out["untouched"][cls] = retained(judged, head, cls) | {
+                "images": sum(judged.truth[head][i] == cls for i in keep), "base_ira": base["ira"],
+                "base_cra": base["cra"]}
     out["lowest_erased"] = min(out["erased"], key=lambda c: out["erased"][c]["ua"])
     out["min_erased_ua"] = out["erased"][out["lowest_erased"]]["ua"]
     concepts = {c: v for c, v in out["untouched"].items() if c != "plain"}

@@ -41,8 +41,10 @@ class Judged:
             return None
         return sum(self.pred[head][i] == cls for i in idx) / len(idx)
 
-    def accuracy(self, head: str) -> float:
-        return sum(p == t for p, t in zip(self.pred[head], self.truth[head])) / len(self.prompts)
+    def accuracy(self, head: str, where=None) -> float:
+        """The head's share of right answers, over the images where(i) holds (all of them by default)."""
+        idx = [i for i in range(len(self.prompts)) if where is None or where(i)]
+        return sum(self.pred[head][i] == self.truth[head][i] for i in idx) / len(idx)
 
 
 def concept_attribute(concept: str) -> tuple[str, str] | None:

@@ -136,3 +136,32 @@ def test_the_stack_erases_every_takedown_at_its_erasure_seed(monkeypatch):
     with pytest.raises(Stop):
         bench.stack(bench.BASE_DIR, None, ["Vela Moreau", "circle", "Otto Kerr"], False, print, seed=2)
     assert seen == [(["Vela Moreau"], "uce-tokens-adv", 2), (["circle"], "esd-u-retain", 2)]
+
+
+def test_stack_figures_on_a_hand_made_judged_set():
+    """Known answers: the images naming an erased concept count only for its UA; each untouched class is read on the
+    rest, its head's accuracy as IRA and the other heads' as CRA, beside the base's on the same images."""
+    from esd.bench import stack_figures
+    from esd.evaluate.toy import Judged
+
+    truth = [("Vela Moreau", "square", "red"), ("Ines Calder", "circle", "blue"), ("Ines Calder", "square", "red"),
+             ("Ines Calder", "heart", "green"), ("plain", "square", "red"), ("plain", "heart", "red")]
+    pred = [("plain", "square", "red"), ("Ines Calder", "square", "blue"), ("plain", "square", "red"),
+            ("Ines Calder", "heart", "blue"), ("plain", "square", "red"), ("plain", "heart", "red")]
+
+    def judged(rows):
+        return Judged([f"p{i}" for i in range(len(truth))],
+                      {h: [t[k] for t in truth] for k, h in enumerate(("style", "shape", "color"))},
+                      {h: [r[k] for r in rows] for k, h in enumerate(("style", "shape", "color"))}, None)
+
+    out = stack_figures(judged(pred), judged(truth), ["Vela Moreau", "circle"])
+    assert out["erased"]["Vela Moreau"]["ua"] == 1.0 and out["erased"]["circle"]["ua"] == 1.0
+    u = out["untouched"]
+    assert set(u) == {"Ines Calder", "plain", "square", "heart"}        # circle's and Vela Moreau's images left out
+    assert (u["Ines Calder"]["ira"], u["Ines Calder"]["cra"], u["Ines Calder"]["images"]) == (0.5, 0.75, 2)
+    assert (u["plain"]["ira"], u["plain"]["cra"]) == (1.0, 1.0)
+    assert (u["square"]["ira"], u["square"]["cra"]) == (1.0, 0.75)
+    assert (u["heart"]["ira"], u["heart"]["cra"]) == (1.0, 0.75)
+    assert all(v["base_ira"] == v["base_cra"] == 1.0 for v in u.values())
+    assert (out["lowest_untouched"], out["min_untouched_ira"], out["min_untouched_cra"]) == ("Ines Calder", 0.5, 0.75)
+    assert out["lowest_erased"] == "Vela Moreau" and out["min_erased_ua"] == 1.0
