@@ -69,13 +69,9 @@ def build_report(base: toy_eval.Judged, cand: toy_eval.Judged, candidate_pipe, j
 
     erased = _names(base, requested + earlier)
     unrelated = [i for i in range(len(base.prompts)) if not erased(i)]
-    acc = {}
-    for h in HEADS:
-        b = sum(base.pred[h][i] == base.truth[h][i] for i in unrelated) / len(unrelated)
-        c = sum(cand.pred[h][i] == cand.truth[h][i] for i in unrelated) / len(unrelated)
-        acc[h] = {"base": b, "candidate": c}
-    preservation = min(1.0, sum(v["candidate"] for v in acc.values()) / max(1e-9, sum(v["base"] for v in acc.values())))
     keep = set(unrelated).__contains__
+    acc = {h: {"base": base.accuracy(h, keep), "candidate": cand.accuracy(h, keep)} for h in HEADS}
+    preservation = min(1.0, sum(v["candidate"] for v in acc.values()) / max(1e-9, sum(v["base"] for v in acc.values())))
     by_class = {h: {cls: {"base": base.rate(h, cls, keep), "candidate": cand.rate(h, cls, keep),
                           "images": sum(keep(i) and t == cls for i, t in enumerate(base.truth[h]))}
                     for cls in sorted({base.truth[h][i] for i in unrelated})} for h in HEADS}

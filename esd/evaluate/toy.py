@@ -118,10 +118,7 @@ def compare(base: Judged, erased: Judged, concept: str) -> dict:
     if head == "style":
         for h in HEADS:
             if h != head:
-                idx = [i for i in range(len(base.prompts)) if names_concept(i)]
-                b = sum(base.pred[h][i] == base.truth[h][i] for i in idx) / len(idx)
-                e = sum(erased.pred[h][i] == erased.truth[h][i] for i in idx) / len(idx)
-                others[f"{h} of {cls} prompts"] = (b, e)
+                others[f"{h} of {cls} prompts"] = (base.accuracy(h, names_concept), erased.accuracy(h, names_concept))
     drops = {k: b - e for k, (b, e) in others.items()}
     worst = max(drops, key=drops.get)
     return {"concept": concept, "head": head, "target_base": base.rate(head, cls), "target_erased": erased.rate(head, cls),
