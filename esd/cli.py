@@ -152,6 +152,8 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
               sample_steps: Optional[int] = typer.Option(None, min=1, help="fast: DDIM jumps to x_t"),
               precision: Precision = typer.Option(Precision.auto, help="ESD: fp32, bf16 autocast, or auto"),
               gradient_checkpointing: bool = typer.Option(False, help="ESD: trade compute for memory"),
+              rank: Optional[int] = typer.Option(None, help="ESD: train each weight's change as a product of two "
+                                                            "factors of this rank (LoRA); default: every value"),
               template: Optional[list[str]] = typer.Option(None, help="closed-form: a prompt with {concept}; repeat"),
               preserve: Optional[list[str]] = typer.Option(None, help="closed-form: a concept to keep; repeat"),
               guide: Optional[str] = typer.Option(None, help="closed-form: what the concept maps onto (default: nothing)"),
@@ -182,7 +184,7 @@ def erase_cmd(concepts: list[str] = typer.Argument(..., help="concept(s) to eras
                       precision=precision.value, **kind, gradient_checkpointing=gradient_checkpointing, templates=template or None,
                       preserve=preserve or None, guide=guide, erase_scale=erase_scale, preserve_scale=preserve_scale,
                       lamb=lamb, push=push, rounds=rounds, attack_rounds=attack_rounds,
-                      attack_steps=attack_steps).validate()
+                      attack_steps=attack_steps, rank=rank).validate()
     with as_folder(base or BASE_DIR, arch) as folder:
         pipe = load_pipeline(folder)
         d = erase(pipe, cfg)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from esd import delta as delta_lib
@@ -48,7 +49,7 @@ CLOSED_FORM_DEFAULTS = {"align": "final", "erase_scale": 1.0, "preserve_scale": 
 RETAIN_SETTINGS = ("retain_mix", "hold_guides")
 # Settings only one kind of method uses: resolve leaves the other kind's alone and the manifest leaves them out.
 ESD_ONLY = ("iterations", "lr", "eta", "batch", "ddim_steps", "guidance", "mode", "sample_steps", "precision",
-            "gradient_checkpointing") + RETAIN_SETTINGS
+            "gradient_checkpointing", "rank") + RETAIN_SETTINGS
 CLOSED_FORM_ONLY = ("align", "erase_scale", "lamb", "push", "rounds", "robust_reg", "attack_rounds", "attack_steps",
                     "attack_scale", "soft_tokens")
 # Recorded by an erasure for its lineage to solve it again (the soft tokens its adversarial rounds learned), not asked
@@ -58,7 +59,7 @@ RECORDED = ("soft_tokens",)
 PROMPT_SETTINGS = ("templates", "guide", "preserve", "preserve_scale")
 MAX_TEMPLATES, MAX_PRESERVE, MAX_ROUNDS, MAX_ATTACK_STEPS = 64, 512, 10, 1000
 # Bounds on what one request may ask of a worker: ESD's paper runs 1000 iterations over 50 DDIM steps.
-MAX_ITERATIONS, MAX_DDIM_STEPS, MAX_BATCH = 100_000, 1000, 64
+MAX_ITERATIONS, MAX_DDIM_STEPS, MAX_BATCH, MAX_RANK = 100_000, 1000, 64, 1024
 # Fast mode reaches x_t in at most this many DDIM jumps instead of up to 50 steps (the sampling is ~85% of the
 # reference loop's cost); its effect on erasure is measured by `esd bench speed` (reference vs fast H score).
 FAST_SAMPLE_STEPS = 10
@@ -105,6 +106,8 @@ class EraseConfig:
     sample_steps: int | None = None   # fast only: at most this many DDIM jumps to reach x_t (None: every step)
     precision: str = "auto"           # "fp32" | "bf16" (autocast, fp32 master weights) | "auto": where it pays
     gradient_checkpointing: bool = False
+    rank: int | None = None           # each trained weight (matrix or kernel) changed by a product of two factors of
+                                      # this rank (LoRA), biases and norms trained in full; None: every value free
     concept_kind: str | None = None      # the request's kind (style, object, ...): picks per-kind defaults
     # Both kinds; None: the base's default for the method, else CLOSED_FORM_DEFAULTS (ESD: none, the paper's loop)
     templates: list | None = None        # prompts containing "{concept}", or [prompt, guide prompt] pairs
@@ -155,7 +158,7 @@ class EraseConfig:
         methods.get(self.method)
         self._validate_settings()
         for name, most in (("iterations", MAX_ITERATIONS), ("ddim_steps", MAX_DDIM_STEPS), ("batch", MAX_BATCH),
-                           ("sample_steps", None)):
+                           ("sample_steps", None), ("rank", MAX_RANK)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise EraseError(f"{name} must be a positive integer, got {value}")
@@ -440,6 +443,21 @@ def esd_target(eps_0: torch.Tensor, eps_c: torch.Tensor, eta: float, eps_a: torc
     return (eps_0 if eps_a is None else eps_a) - eta * (eps_c - eps_0)
 
 
+class LowRank(torch.nn.Module):
+    """A trained weight's change as the product of two factors of rank r (LoRA, Hu et al. 2021), a convolution's kernel
+    flattened per output channel; `up` starts at zero, so training starts from the weight as it is."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, gen: torch.Generator):
+        super().__init__()
+        fan_in = weight[0].numel()
+        self.shape = weight.shape
+        self.down = torch.nn.Parameter((torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).to(weight.device))
+        self.up = torch.nn.Parameter(torch.zeros(weight.shape[0], rank, device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.up @ self.down).view(self.shape).to(weight.dtype)
+
+
 class Eraser:
     """One ESD run over a pipeline's UNet, trained in place. `run()` returns the Delta against the base."""
 
@@ -513,7 +531,31 @@ class Eraser:
             self.embeddings = self._embeddings()
             if cfg.gradient_checkpointing:
                 self.unet.enable_gradient_checkpointing()
-        self.opt = torch.optim.Adam(self.params.values(), lr=cfg.lr)
+        # The frozen model: the trained parameters' original values swapped in (fast mode)
+        self.frozen_values = dict(self.original)
+        self.low_rank = self._low_rank(cfg.rank) if cfg.rank else []
+        trained = [p for m, attr in self.low_rank for p in m.parametrizations[attr][0].parameters()]
+        trained += [p for n, p in self.params.items() if not (cfg.rank and p.dim() > 1)]
+        self.opt = torch.optim.Adam(trained, lr=cfg.lr)
+
+    def _low_rank(self, rank: int) -> list[tuple[torch.nn.Module, str]]:
+        """Each trained weight of two or more dimensions changed through a LowRank factor pair (torch's parametrize);
+        the frozen model sees the factors' product as zero. Its own generator: the draws stay as without it."""
+        gen = torch.Generator("cpu").manual_seed(self.cfg.seed)
+        modules = dict(self.unet.named_modules())
+        out = []
+        for name, p in self.params.items():
+            if p.dim() < 2:
+                continue
+            owner, attr = name.rsplit(".", 1)
+            module = modules[owner]
+            p.requires_grad_(False)
+            factors = LowRank(p.detach(), rank, gen)
+            parametrize.register_parametrization(module, attr, factors)
+            del self.frozen_values[name]
+            self.frozen_values[f"{owner}.parametrizations.{attr}.0.up"] = torch.zeros_like(factors.up)
+            out.append((module, attr))
+        return out
 
     def _prompts(self) -> list[str]:
         """Every prompt a step may use: the concepts (in their templates, with their guide prompts), the anchor,
@@ -540,7 +582,7 @@ class Eraser:
         if self.frozen is None:
             xs = x.repeat(len(parts), 1, 1, 1)
             with torch.no_grad(), self.autocast:
-                out = functional_call(self.unet, self.original, (xs, t), Cond.cat(parts).kwargs()).sample.float()
+                out = functional_call(self.unet, self.frozen_values, (xs, t), Cond.cat(parts).kwargs()).sample.float()
             return list(as_noise(out, xs, self.alphas[t], self.prediction).split(len(x)))
         with torch.no_grad():
             return [as_noise(self.frozen(x, t, **e.kwargs()).sample, x, self.alphas[t], self.prediction) for e in parts]
@@ -640,6 +682,9 @@ class Eraser:
     def finish(self, losses: list[float]) -> delta_lib.Delta:
         """Restore the UNet for inference, add the parent's changes (to a trained parameter, its change from the base)
         and diff it against the base."""
+        for module, attr in self.low_rank:       # the weights become the base's plus the factors' product
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        self.low_rank = []
         self.unet.eval().requires_grad_(False)
         if self.cfg.gradient_checkpointing:
             self.unet.disable_gradient_checkpointing()

@@ -166,6 +166,41 @@ def test_hold_guides_holds_the_guide_prompts_beside_the_preserve_prompts_and_is_
     assert "hold_guides" not in erase(load_pipeline(tiny_sd), tiny_cfg(), progress=False).manifest["hyperparameters"]
 
 
+def test_rank_changes_each_trained_weight_by_a_low_rank_product_and_is_recorded(tiny_sd):
+    """rank r: every trained weight's change (a kernel flattened per output channel) has rank at most r, biases and
+    norms change in full, only the row's parameters move, the same seed gives the same delta, the manifest records it,
+    and the UNet left behind holds plain parameters again."""
+    pipe = load_pipeline(tiny_sd)
+    base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    a = erase(pipe, tiny_cfg(rank=2, lr=1e-2, **RETAIN), progress=False)
+    b = erase(load_pipeline(tiny_sd), tiny_cfg(rank=2, lr=1e-2, **RETAIN), progress=False)
+    full = erase(load_pipeline(tiny_sd), tiny_cfg(lr=1e-2, **RETAIN), progress=False)
+    assert a.manifest["tensors_sha256"] == b.manifest["tensors_sha256"] != full.manifest["tensors_sha256"]
+    assert a.manifest["hyperparameters"]["rank"] == 2
+    assert set(a.tensors) <= set(methods.select(load_pipeline(tiny_sd).unet, "esd-u"))
+    assert not any("parametrizations" in n for n, _ in pipe.unet.named_parameters())
+    weights = biases = 0
+    for name, value in a.tensors.items():
+        change = (value.float() - base[name].float()).reshape(value.shape[0], -1) if value.dim() > 1 else None
+        if change is None:
+            biases += not torch.equal(value.float(), base[name].float())
+            continue
+        assert torch.linalg.matrix_rank(change, rtol=1e-3) <= 2, name
+        weights += bool(change.abs().max() > 0)
+    assert weights >= 10 and biases >= 1
+    assert max(torch.linalg.matrix_rank((full.tensors[n].float() - base[n].float()).reshape(full.tensors[n].shape[0], -1),
+                                        rtol=1e-3) for n in full.tensors if full.tensors[n].dim() > 1) > 2
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fast_and_reference_compute_the_same_low_rank_loss(tiny_sd, batch):
+    losses = []
+    for mode in ("reference", "fast"):
+        eraser = Eraser(load_pipeline(tiny_sd), tiny_cfg(mode=mode, rank=2, batch=batch, **RETAIN))
+        losses += [eraser.step(), eraser.step()]
+    assert losses[:2] == pytest.approx(losses[2:], rel=1e-4, abs=1e-7)
+
+
 def test_fast_mode_holds_no_second_unet(tiny_sd):
     pipe = load_pipeline(tiny_sd)
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
@@ -198,6 +233,8 @@ def test_fast_mode_holds_no_second_unet(tiny_sd):
     (dict(batch=2.5), "batch must be a positive integer"),
     (dict(batch=65), "batch is 65; the limit is 64"),
     (dict(retain_mix=1.5), "retain_mix must be a number from 0 to 1"),
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(rank=2000), "rank is 2000; the limit is 1024"),
     (dict(retain_mix=-0.1), "retain_mix must be a number from 0 to 1"),
     (dict(retain_mix=float("nan")), "retain_mix must be a number from 0 to 1"),
     (dict(hold_guides="yes"), "hold_guides must be true or false"),
@@ -214,6 +251,7 @@ def test_bad_input_is_refused(kw, message):
     (["erase", "red\ncircle"], "control characters"),
     (["erase", "circle", "--iterations", "0"], "iterations must be a positive integer"),
     (["erase", "circle", "--eta", "0"], "eta must be > 0"),
+    (["erase", "circle", "--rank", "0"], "rank must be a positive integer"),
     (["erase", "circle", "--base", "/nonexistent/sd"], "model folder not found: /nonexistent/sd"),
 ])
 def test_cli_bad_input_one_line_and_nothing_written(tmp_path, args, message):
