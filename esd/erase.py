@@ -597,7 +597,8 @@ class Eraser:
             idx = torch.linspace(0, stop, self.cfg.sample_steps + 1).round().long().tolist()
             path = [self.timesteps[i] for i in idx]
         cond = Cond.cat([emb_0.repeat(n), emb_c])
-        with torch.no_grad(), self.autocast:
+        # parametrize.cached: a low-rank run's weights are the base's plus the factors' product, formed once per sampling
+        with torch.no_grad(), self.autocast, parametrize.cached():
             for t, t_prev in zip(path, path[1:]):
                 out = self.unet(torch.cat([x, x]), t, **cond.kwargs()).sample.float()
                 eps_0, eps_c = as_noise(out, torch.cat([x, x]), self.alphas[t], self.prediction).chunk(2)
